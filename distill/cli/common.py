@@ -1,0 +1,46 @@
+"""Arguments and helpers shared by every ``darht`` subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from transfer_analysis.errors import UserError
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """``--device``, ``--seed`` and ``--log-level``: every subcommand has them."""
+    g = p.add_argument_group("common")
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or cuda:N")
+    g.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
+    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def add_data_arguments(p: argparse.ArgumentParser, n_samples: int | None = None) -> None:
+    """``--dataset``, ``--data-root``, ``--no-download`` and optionally ``--n-samples``."""
+    p.add_argument("--dataset", required=True,
+                   help="cifar10, cifar100, tiny-imagenet, fashion-mnist, synthetic[:k=v,...] or a .npz path")
+    p.add_argument("--data-root", default=None, help="where named datasets live (default ~/.cache/darht/data)")
+    p.add_argument("--no-download", action="store_true", help="never download; fail if the files are missing")
+    if n_samples is not None:
+        p.add_argument("--n-samples", type=int, default=n_samples,
+                       help=f"evaluation images (class-balanced, seeded; default {n_samples})")
+
+
+def parse_json_kwargs(text: str | None, flag: str) -> dict[str, Any]:
+    """Parse a ``--*-kwargs`` JSON object; a malformed one is a :class:`UserError`."""
+    if text is None or text == "":
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{flag} is not valid JSON ({err.msg} at character {err.pos}): {text!r}") from err
+    if not isinstance(value, dict):
+        raise UserError(f"{flag} must be a JSON object such as '{{\"drop_rate\": 0.1}}', got {text!r}")
+    return value
+
+
+def not_landed(command: str, issue: str) -> int:
+    """What a subcommand whose issue has not landed yet does: say so in one line, exit 2."""
+    raise UserError(f"'darht {command}' is not available yet ({issue} has not landed)")

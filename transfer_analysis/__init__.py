@@ -1,0 +1,50 @@
+"""Measure adversarial transferability across a pool of models and choose low-transfer teacher sets.
+
+Public names are imported lazily, so ``import transfer_analysis`` is cheap and a command only pays
+for what it uses.
+
+Example:
+    >>> from transfer_analysis import parse_eps
+    >>> round(parse_eps("8/255"), 6)
+    0.031373
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_EXPORTS: dict[str, str] = {
+    "UserError": "errors",
+    "parse_eps": "utils",
+    "resolve_device": "utils",
+    "seed_everything": "utils",
+    "load_dataset": "data",
+    "ImageDataset": "data",
+    "balanced_subset": "data",
+    "save_indices": "data",
+    "load_indices": "data",
+    "augment_batch": "data",
+    "load_pool": "pool",
+    "read_pool_config": "pool",
+    "build_pool_model": "pool",
+    "PixelSpaceModel": "pool",
+    "PoolEntry": "pool",
+    "load_state_dict_file": "pool",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
