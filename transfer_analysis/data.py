@@ -1,0 +1,523 @@
+"""Datasets as uint8 tensors in memory, served as float images in [0, 1], shape (N, C, H, W).
+
+Names (``--dataset``): ``cifar10``, ``cifar100``, ``tiny-imagenet``, ``fashion-mnist``,
+``synthetic[:key=value,...]`` or a path to an ``.npz`` file with ``x_train, y_train, x_test,
+y_test`` (uint8 images (N, H, W) or (N, H, W, C), integer labels).
+
+Images are kept as uint8 (a quarter of the memory of float32) and converted per batch.
+
+Example:
+    >>> ds = load_dataset("synthetic:num_classes=3,in_chans=1,image_size=8,n_train=60,n_test=30")
+    >>> ds.test_images().shape, ds.num_classes
+    (torch.Size([30, 1, 8, 8]), 3)
+    >>> idx = balanced_subset(ds.y_test, 9, seed=0)
+    >>> torch.bincount(ds.y_test[idx]).tolist()
+    [3, 3, 3]
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+from .utils import atomic_write_json
+
+__all__ = [
+    "DATASET_NAMES",
+    "Augment",
+    "ImageDataset",
+    "load_dataset",
+    "make_synthetic",
+    "balanced_subset",
+    "save_indices",
+    "load_indices",
+    "augment_batch",
+    "default_data_root",
+]
+
+logger = logging.getLogger(__name__)
+
+DATASET_NAMES = ("cifar10", "cifar100", "tiny-imagenet", "fashion-mnist", "synthetic")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+_FMNIST_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation: random crop with zero padding, then horizontal flip.
+
+    ``crop_padding=0`` and ``flip=False`` is no augmentation.
+    """
+
+    crop_padding: int = 0
+    flip: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.crop_padding > 0 or self.flip
+
+
+@dataclass
+class ImageDataset:
+    """A dataset held in memory: uint8 images (N, C, H, W) and int64 labels for both splits."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    augment: Augment = field(default_factory=Augment)
+    class_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if x.dtype != torch.uint8 or x.ndim != 4:
+                raise ValueError(f"x_{split} must be uint8 (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+            if y.shape != (x.shape[0],):
+                raise ValueError(f"y_{split} must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.x_test.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        """Side of the (square) images; for non-square images, the height."""
+        return int(self.x_test.shape[2])
+
+    def _split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        return getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+
+    def images(self, split: str = "test", indices: torch.Tensor | None = None,
+               device: torch.device | str | None = None) -> torch.Tensor:
+        """Float images in [0, 1] of a split (optionally a subset), on ``device``."""
+        x, _ = self._split(split)
+        if indices is not None:
+            x = x[indices]
+        return x.to(device=device).float().div_(255)
+
+    def labels(self, split: str = "test", indices: torch.Tensor | None = None,
+               device: torch.device | str | None = None) -> torch.Tensor:
+        _, y = self._split(split)
+        if indices is not None:
+            y = y[indices]
+        return y.to(device=device)
+
+    def train_images(self, indices: torch.Tensor | None = None) -> torch.Tensor:
+        return self.images("train", indices)
+
+    def test_images(self, indices: torch.Tensor | None = None) -> torch.Tensor:
+        return self.images("test", indices)
+
+    def batches(self, split: str, batch_size: int, indices: torch.Tensor | None = None, shuffle: bool = False,
+                generator: torch.Generator | None = None, augment: Augment | None = None,
+                device: torch.device | str | None = None, drop_last: bool = False,
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(x, y)`` batches (float in [0, 1]) of a split, in order or shuffled by ``generator``.
+
+        Augmentation, when given, runs on the batch on ``device`` with the same generator.
+        """
+        x_all, y_all = self._split(split)
+        order = indices if indices is not None else torch.arange(len(y_all))
+        if shuffle:
+            order = order[torch.randperm(len(order), generator=generator)]
+        stop = len(order) - (len(order) % batch_size if drop_last else 0)
+        for start in range(0, stop, batch_size):
+            idx = order[start:start + batch_size]
+            xb = x_all[idx].to(device=device, non_blocking=True).float().div_(255)
+            yb = y_all[idx].to(device=device, non_blocking=True)
+            if augment is not None and augment.enabled:
+                xb = augment_batch(xb, augment, generator=generator)
+            yield xb, yb
+
+    def channel_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the training images (for a model's normalization)."""
+        x = self.x_train
+        total = torch.zeros(x.shape[1], dtype=torch.float64)
+        total_sq = torch.zeros_like(total)
+        for start in range(0, len(x), 8192):
+            chunk = x[start:start + 8192].double().div_(255)
+            total += chunk.sum(dim=(0, 2, 3))
+            total_sq += chunk.pow(2).sum(dim=(0, 2, 3))
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        mean = total / count
+        std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
+        return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
+
+
+# --------------------------------------------------------------------------------------------
+# augmentation
+# --------------------------------------------------------------------------------------------
+def augment_batch(x: torch.Tensor, augment: Augment, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip, per sample, vectorized.
+
+    Random numbers are drawn on the CPU from ``generator`` so the result does not depend on the
+    device.
+
+    Example:
+        >>> x = torch.rand(4, 3, 8, 8)
+        >>> augment_batch(x, Augment(crop_padding=2, flip=True), torch.Generator().manual_seed(0)).shape
+        torch.Size([4, 3, 8, 8])
+    """
+    n, _, h, w = x.shape
+    if augment.crop_padding > 0:
+        p = augment.crop_padding
+        padded = F.pad(x, (p, p, p, p))
+        oy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
+        ox = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(x.device)
+        rows = (oy[:, None] + torch.arange(h, device=x.device)[None, :])  # (n, h)
+        cols = (ox[:, None] + torch.arange(w, device=x.device)[None, :])  # (n, w)
+        batch = torch.arange(n, device=x.device)[:, None, None, None]
+        chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+    if augment.flip:
+        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def _default_augment(name: str, image_size: int) -> Augment:
+    if name in ("cifar10", "cifar100"):
+        return Augment(crop_padding=4, flip=True)
+    if name == "tiny-imagenet":
+        return Augment(crop_padding=8, flip=True)
+    if name == "fashion-mnist":
+        return Augment(crop_padding=2, flip=True)
+    return Augment()  # synthetic patterns and user .npz files: no assumption about symmetry
+
+
+# --------------------------------------------------------------------------------------------
+# subsets
+# --------------------------------------------------------------------------------------------
+def balanced_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Seeded class-balanced subset of ``n`` indices (sorted); all indices in order if ``n >= len``.
+
+    Each class gets ``n // C`` samples; the remainder goes to classes drawn by the seed. A class
+    with too few samples gives all it has and the others make up the difference.
+
+    Example:
+        >>> y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+        >>> torch.bincount(y[balanced_subset(y, 6, seed=1)]).tolist()
+        [2, 2, 2]
+    """
+    labels = torch.as_tensor(labels).long().cpu()
+    total = len(labels)
+    if n <= 0:
+        raise UserError(f"--n-samples must be a positive number of images, got {n}")
+    if n >= total:
+        return torch.arange(total)
+    g = torch.Generator().manual_seed(int(seed))
+    classes = torch.unique(labels)
+    pools = {int(c): torch.nonzero(labels == c).flatten() for c in classes}
+    pools = {c: p[torch.randperm(len(p), generator=g)] for c, p in pools.items()}
+    quota = {c: 0 for c in pools}
+    remaining = n
+    # Fill round by round: each round gives every class with samples left an equal share, and the
+    # leftover of a round to classes drawn by the seed.
+    while remaining > 0:
+        open_classes = [c for c in pools if quota[c] < len(pools[c])]
+        share, extra = divmod(remaining, len(open_classes))
+        lucky = set(torch.tensor(open_classes)[torch.randperm(len(open_classes), generator=g)[:extra]].tolist())
+        for c in open_classes:
+            take = min(share + (1 if c in lucky else 0), len(pools[c]) - quota[c])
+            quota[c] += take
+            remaining -= take
+    chosen = torch.cat([pools[c][:quota[c]] for c in pools])
+    return torch.sort(chosen).values
+
+
+def save_indices(path: str | os.PathLike, indices: torch.Tensor, **meta: Any) -> None:
+    """Save evaluation indices (and what they index) as JSON, atomically."""
+    atomic_write_json(path, {**meta, "n": int(len(indices)), "indices": [int(i) for i in indices]})
+
+
+def load_indices(path: str | os.PathLike) -> torch.Tensor:
+    """Load indices written by :func:`save_indices`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        return torch.tensor(data["indices"], dtype=torch.long)
+    except FileNotFoundError as err:
+        raise UserError(f"indices file not found: {path}") from err
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"{path} is not an indices file written by the toolkit ({err})") from err
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+def default_data_root() -> Path:
+    """``$DARHT_DATA`` or ``~/.cache/darht/data``."""
+    return Path(os.environ.get("DARHT_DATA", Path.home() / ".cache" / "darht" / "data"))
+
+
+def load_dataset(name: str | os.PathLike, data_root: str | os.PathLike | None = None, download: bool = True,
+                 ) -> ImageDataset:
+    """Load a dataset by name (see the module docstring) or from an ``.npz`` path.
+
+    Raises :class:`UserError` with where to put the files when a dataset is missing and cannot be
+    downloaded.
+    """
+    spec = str(name)
+    root = Path(data_root) if data_root is not None else default_data_root()
+    if spec.endswith(".npz") or (Path(spec).suffix == ".npz"):
+        return _load_npz(Path(spec))
+    base, _, options = spec.partition(":")
+    base = base.strip().lower()
+    if base == "synthetic":
+        return make_synthetic(**_parse_options(options))
+    if options:
+        raise UserError(f"dataset {base!r} takes no options (got {spec!r})")
+    if base in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
+        return _load_fashion_mnist(root, data_root is not None, download)
+    if base in ("cifar10", "cifar100"):
+        return _load_cifar(base, root, download)
+    if base in ("tiny-imagenet", "tiny_imagenet", "tinyimagenet"):
+        return _load_tiny_imagenet(root, download)
+    import difflib
+
+    close = difflib.get_close_matches(base, DATASET_NAMES, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise UserError(f"unknown dataset {spec!r}; {hint}choose one of {', '.join(DATASET_NAMES)} or a .npz path")
+
+
+def _parse_options(options: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in options.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"synthetic dataset option {item!r} must be key=value, e.g. synthetic:num_classes=4")
+        try:
+            out[key.strip()] = float(value) if key.strip() == "noise" else int(value)
+        except ValueError as err:
+            raise UserError(f"synthetic dataset option {item!r} needs a number") from err
+    return out
+
+
+def make_synthetic(num_classes: int = 10, in_chans: int = 3, image_size: int = 32, n_train: int = 2000,
+                   n_test: int = 500, seed: int = 0, noise: float = 0.12) -> ImageDataset:
+    """A seeded, learnable image-classification set for tests.
+
+    Each class has a smooth random prototype (a coarse 4x4 pattern upsampled to the image size);
+    a sample is its class prototype under a random brightness shift plus pixel noise, quantized to
+    uint8. A small CNN separates the classes in a few epochs, yet an L∞ attack of ~0.1 fools it.
+    """
+    allowed = {"num_classes": num_classes, "in_chans": in_chans, "image_size": image_size,
+               "n_train": n_train, "n_test": n_test}
+    for key, value in allowed.items():
+        if value < (2 if key == "num_classes" else 1):
+            raise UserError(f"synthetic dataset: {key} must be >= {2 if key == 'num_classes' else 1}, got {value}")
+    g = torch.Generator().manual_seed(int(seed))
+    coarse = torch.rand(num_classes, in_chans, 4, 4, generator=g)
+    protos = F.interpolate(coarse, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    protos = 0.2 + 0.6 * protos
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(n) % num_classes
+        y = y[torch.randperm(n, generator=g)]
+        shift = (torch.rand(n, 1, 1, 1, generator=g) - 0.5) * 0.1
+        x = protos[y] + shift + noise * torch.randn(n, in_chans, image_size, image_size, generator=g)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+    x_train, y_train = sample(n_train)
+    x_test, y_test = sample(n_test)
+    return ImageDataset("synthetic", x_train, y_train, x_test, y_test, num_classes, Augment())
+
+
+def _to_nchw(x: np.ndarray, key: str, path: Path) -> torch.Tensor:
+    if x.ndim == 3:
+        x = x[:, None, :, :]
+    elif x.ndim == 4:
+        x = x.transpose(0, 3, 1, 2)
+    else:
+        raise UserError(f"{path}: {key} must have shape (N, H, W) or (N, H, W, C), got {x.shape}")
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _load_npz(path: Path) -> ImageDataset:
+    if not path.is_file():
+        raise UserError(f"dataset file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (ValueError, OSError) as err:
+        raise UserError(f"{path} is not a readable .npz file without pickled objects ({err})") from err
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; it needs x_train, y_train, x_test, y_test")
+    out: dict[str, torch.Tensor] = {}
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype != np.uint8:
+            raise UserError(f"{path}: x_{split} must be uint8 with values 0-255, got dtype {x.dtype}")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise UserError(f"{path}: y_{split} must hold integer labels, got dtype {y.dtype}")
+        if y.ndim != 1 or len(y) != len(x):
+            raise UserError(f"{path}: x_{split} has {len(x)} images but y_{split} has shape {y.shape}")
+        if len(y) and y.min() < 0:
+            raise UserError(f"{path}: y_{split} has negative labels")
+        out[f"x_{split}"] = _to_nchw(x, f"x_{split}", path)
+        out[f"y_{split}"] = torch.from_numpy(y.astype(np.int64))
+    if out["x_train"].shape[1:] != out["x_test"].shape[1:]:
+        raise UserError(f"{path}: train images {tuple(out['x_train'].shape[1:])} and test images "
+                        f"{tuple(out['x_test'].shape[1:])} differ in shape")
+    num_classes = int(max(out["y_train"].max(), out["y_test"].max())) + 1
+    return ImageDataset(path.stem, num_classes=num_classes, augment=Augment(), **out)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise UserError(f"{path} is not an unsigned-byte IDX file")
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise UserError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {arr.size}")
+    return arr.reshape(shape)
+
+
+def _find_idx_dir(candidates: list[Path]) -> Path | None:
+    for d in candidates:
+        if all((d / f).exists() or (d / f"{f}.gz").exists() for f in _FMNIST_FILES.values()):
+            return d
+    return None
+
+
+def _load_fashion_mnist(root: Path, root_given: bool, download: bool) -> ImageDataset:
+    candidates = [root, root / "fashion-mnist", root / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST]
+    found = _find_idx_dir(candidates)
+    if found is None:
+        if not download:
+            raise UserError(f"Fashion-MNIST not found under {root} or {DEBIAN_FASHION_MNIST}; install the Debian "
+                            "package dataset-fashion-mnist or put the four IDX files in --data-root")
+        try:
+            from torchvision.datasets import FashionMNIST
+
+            FashionMNIST(str(root), train=True, download=True)
+            FashionMNIST(str(root), train=False, download=True)
+        except Exception as err:  # noqa: BLE001 - any network failure means the same thing to the user
+            raise UserError(f"Fashion-MNIST not found under {root} or {DEBIAN_FASHION_MNIST} and the download failed "
+                            f"({type(err).__name__}); install the Debian package dataset-fashion-mnist or put "
+                            "train-images-idx3-ubyte.gz and the other three IDX files in --data-root") from err
+        found = _find_idx_dir(candidates)
+        assert found is not None
+    logger.info("Fashion-MNIST from %s", found)
+    arrays = {}
+    for key, fname in _FMNIST_FILES.items():
+        p = found / fname if (found / fname).exists() else found / f"{fname}.gz"
+        arrays[key] = _read_idx(p)
+    return ImageDataset(
+        "fashion-mnist",
+        torch.from_numpy(arrays["x_train"].copy())[:, None], torch.from_numpy(arrays["y_train"].astype(np.int64)),
+        torch.from_numpy(arrays["x_test"].copy())[:, None], torch.from_numpy(arrays["y_test"].astype(np.int64)),
+        10, _default_augment("fashion-mnist", 28), FASHION_MNIST_CLASSES,
+    )
+
+
+def _load_cifar(name: str, root: Path, download: bool) -> ImageDataset:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    archive = "cifar-10-python.tar.gz" if name == "cifar10" else "cifar-100-python.tar.gz"
+    try:
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=download)
+    except Exception as err:  # noqa: BLE001 - offline downloads fail with many exception types
+        why = "download disabled" if not download else f"download failed: {type(err).__name__}"
+        raise UserError(f"{name} not found under {root} ({why}); put {archive} or the extracted {folder}/ "
+                        "folder there, or pass --data-root DIR") from err
+
+    def pack(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))),
+                torch.tensor(ds.targets, dtype=torch.long))
+
+    x_train, y_train = pack(train)
+    x_test, y_test = pack(test)
+    return ImageDataset(name, x_train, y_train, x_test, y_test, len(train.classes), _default_augment(name, 32),
+                        tuple(train.classes))
+
+
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
+def _load_tiny_imagenet(root: Path, download: bool) -> ImageDataset:
+    """Tiny ImageNet from ``root/tiny-imagenet-200`` (train/ and the labelled val/ as the test split)."""
+    folder = root / "tiny-imagenet-200"
+    cache = folder / "darht-uint8.npz"
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as data:
+            arrays = {k: torch.from_numpy(data[k]) for k in data.files}
+        names = tuple((folder / "wnids.txt").read_text().split())
+        return ImageDataset("tiny-imagenet", arrays["x_train"], arrays["y_train"].long(), arrays["x_test"],
+                            arrays["y_test"].long(), len(names), _default_augment("tiny-imagenet", 64), names)
+    if not (folder / "wnids.txt").is_file():
+        if not download:
+            raise UserError(f"Tiny ImageNet not found: expected {folder}/ (wnids.txt, train/, val/); unzip "
+                            "tiny-imagenet-200.zip into --data-root")
+        try:
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            download_and_extract_archive(TINY_IMAGENET_URL, str(root))
+        except Exception as err:  # noqa: BLE001
+            raise UserError(f"Tiny ImageNet not found under {root} and the download failed ({type(err).__name__}); "
+                            f"unzip tiny-imagenet-200.zip into {root} or pass --data-root DIR") from err
+    from PIL import Image
+
+    wnids = (folder / "wnids.txt").read_text().split()
+    index = {w: i for i, w in enumerate(wnids)}
+
+    def read(paths: list[Path]) -> torch.Tensor:
+        imgs = [np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8) for p in paths]
+        return torch.from_numpy(np.stack(imgs).transpose(0, 3, 1, 2).copy())
+
+    train_paths, train_labels = [], []
+    for w in wnids:
+        files = sorted((folder / "train" / w / "images").glob("*"))
+        train_paths += files
+        train_labels += [index[w]] * len(files)
+    val_paths, val_labels = [], []
+    for line in (folder / "val" / "val_annotations.txt").read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 2:
+            val_paths.append(folder / "val" / "images" / parts[0])
+            val_labels.append(index[parts[1]])
+    logger.info("reading %d Tiny ImageNet images (cached as uint8 afterwards)", len(train_paths) + len(val_paths))
+    x_train, x_test = read(train_paths), read(val_paths)
+    y_train, y_test = torch.tensor(train_labels), torch.tensor(val_labels)
+    try:
+        from .utils import atomic_write
+
+        with atomic_write(cache, "wb") as fh:
+            np.savez(fh, x_train=x_train.numpy(), y_train=y_train.numpy(), x_test=x_test.numpy(),
+                     y_test=y_test.numpy())
+    except OSError:
+        logger.warning("could not write the Tiny ImageNet cache %s (read-only?)", cache)
+    return ImageDataset("tiny-imagenet", x_train, y_train, x_test, y_test, len(wnids),
+                        _default_augment("tiny-imagenet", 64), tuple(wnids))
