@@ -362,9 +362,15 @@ def build_pool_model(entry: PoolEntry, num_classes: int, in_chans: int, image_si
     """Build one pool entry as a frozen :class:`PixelSpaceModel` (eval mode, no parameter gradients)."""
     size = entry.input_size if entry.input_size is not None else image_size
     size_hw = (size, size) if isinstance(size, int) else tuple(size)
+    kwargs = dict(entry.kwargs)
+    for key, value in (("num_classes", num_classes), ("in_chans", in_chans)):
+        given = kwargs.pop(key, value)
+        if given != value:
+            raise UserError(f"model {entry.name!r} sets {key}={given} in kwargs but the data has {value}; "
+                            f"remove {key} from its kwargs")
     model = create_timm_model(entry.arch, num_classes=num_classes, in_chans=in_chans, pretrained=entry.pretrained,
                               pretrained_file=entry.pretrained_file, image_size=size_hw[0] if size_hw[0] == size_hw[1]
-                              else size_hw, **dict(entry.kwargs))
+                              else size_hw, **kwargs)
     if entry.checkpoint:
         state = load_state_dict_file(entry.checkpoint, trust=entry.trust_checkpoint)
         apply_state_dict(model, state, what=f"checkpoint {entry.checkpoint} of model {entry.name!r}")
@@ -377,8 +383,8 @@ def build_pool_model(entry: PoolEntry, num_classes: int, in_chans: int, image_si
     if mean is not None:
         mean, std = _fit_channels(list(mean), in_chans), _fit_channels(list(std), in_chans)
         if mean is None or std is None:
-            raise UserError(f"model {entry.name!r}: mean/std need 1 or {in_chans} values (the data has {in_chans} "
-                            f"channels), got {entry.mean} / {entry.std}")
+            raise UserError(f"model {entry.name!r}: mean/std need one value per channel (the data has {in_chans}) "
+                            f"or a single value, got {entry.mean} / {entry.std}")
     wrapped = PixelSpaceModel(model, None if size_hw == _hw(image_size) and entry.input_size is None else size_hw,
                               mean, std, name=entry.name)
     wrapped.entry = entry
@@ -409,8 +415,8 @@ def _fit_channels(values: list[float], in_chans: int) -> list[float] | None:
         return values
     if len(values) == 1:
         return values * in_chans
-    if in_chans == 1:
-        return [sum(values) / len(values)]  # e.g. an RGB-pretrained model on grayscale data
+    if in_chans == 1 and len(values) == 3:
+        return [sum(values) / 3]  # an RGB-pretrained model on grayscale data
     return None
 
 
