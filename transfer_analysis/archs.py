@@ -6,7 +6,10 @@ available to :func:`timm.create_model` like any other timm model:
 - ``resnet18_cifar``, ``preactresnet18_cifar``: 3x3 stride-1 stem, no max-pool (``width`` sets the
   base channel count, 64 by default, so a test or a CPU study can use a slim copy);
 - ``mobilenetv2_cifar``: stride-1 stem and first stages, for 32x32 inputs (``width_mult``);
-- ``wideresnet34_10``, ``wideresnet70_16``: WideResNets as used by robust-training papers.
+- ``wideresnet34_10``, ``wideresnet70_16``: WideResNets as used by robust-training papers;
+- ``mixer_cifar``, ``resmlp_cifar``: timm's own MLP-Mixer / ResMLP classes with small-image
+  defaults (patch 4, 32x32) whose size can be set by kwargs (timm's ``mixer_*_224`` entrypoints fix
+  their widths and depths).
 
 All of them take ``in_chans``, ``num_classes`` (0 gives pooled features, as in timm) and
 ``drop_rate``, and follow timm's interface (``num_features``, ``forward_features``,
@@ -37,6 +40,8 @@ __all__ = [
     "mobilenetv2_cifar",
     "wideresnet34_10",
     "wideresnet70_16",
+    "mixer_cifar",
+    "resmlp_cifar",
 ]
 
 
@@ -51,6 +56,7 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 # Per-architecture config dicts, read by timm's register_model (no weights: url and hub id empty).
 default_cfgs = {name: _cfg() for name in (
     "resnet18_cifar", "preactresnet18_cifar", "mobilenetv2_cifar", "wideresnet34_10", "wideresnet70_16")}
+default_cfgs.update({name: _cfg(fixed_input_size=True, first_conv="stem.proj") for name in ("mixer_cifar", "resmlp_cifar")})
 
 
 class _TimmLike(nn.Module):
@@ -266,9 +272,10 @@ def _build(name: str, cls: Any, pretrained: bool, kwargs: dict[str, Any], **fixe
         raise ValueError(f"{name} has no pretrained weights in timm; give a checkpoint in the pool entry instead")
     for key in _TIMM_ONLY:
         kwargs.pop(key, None)
-    model = cls(**fixed, **kwargs)
+    model = cls(**{**fixed, **kwargs})
     cfg = dict(default_cfgs[name])
-    cfg["input_size"] = (getattr(model.stem[0], "in_channels", 3), 32, 32)
+    img = kwargs.get("img_size", 32)
+    cfg["input_size"] = (kwargs.get("in_chans", 3), *((img, img) if isinstance(img, int) else img))
     model.pretrained_cfg = model.default_cfg = cfg
     return model
 
@@ -302,3 +309,20 @@ def wideresnet34_10(pretrained: bool = False, **kwargs: Any) -> WideResNet:
 def wideresnet70_16(pretrained: bool = False, **kwargs: Any) -> WideResNet:
     """WideResNet-70-16."""
     return _build("wideresnet70_16", WideResNet, pretrained, kwargs, depth=70, widen_factor=16)
+
+
+@register_model
+def mixer_cifar(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """MLP-Mixer (Tolstikhin et al. 2021) for small images: patch 4, 8 blocks, width 256 by default."""
+    from timm.models.mlp_mixer import MlpMixer
+
+    return _build("mixer_cifar", MlpMixer, pretrained, kwargs, img_size=32, patch_size=4, num_blocks=8, embed_dim=256)
+
+
+@register_model
+def resmlp_cifar(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """ResMLP (Touvron et al. 2021) for small images: patch 4, 12 blocks, width 192 by default."""
+    from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
+
+    return _build("resmlp_cifar", MlpMixer, pretrained, kwargs, img_size=32, patch_size=4, num_blocks=12,
+                  embed_dim=192, mlp_ratio=4, block_layer=ResBlock, norm_layer=Affine)
