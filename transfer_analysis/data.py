@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -152,6 +153,21 @@ class ImageDataset:
             if augment is not None and augment.enabled:
                 xb = augment_batch(xb, augment, generator=generator)
             yield xb, yb
+
+    def with_train_subset(self, n: int | None, seed: int = 0) -> ImageDataset:
+        """The same dataset with a seeded class-balanced subset of ``n`` training images.
+
+        ``None`` (or ``n`` at least the training-set size) returns ``self``. The test split is kept.
+
+        Example:
+            >>> ds = make_synthetic(num_classes=2, in_chans=1, image_size=4, n_train=10, n_test=4)
+            >>> len(ds.with_train_subset(6).y_train)
+            6
+        """
+        if n is None or n >= len(self.y_train):
+            return self
+        idx = balanced_subset(self.y_train, n, seed)
+        return dataclasses.replace(self, x_train=self.x_train[idx], y_train=self.y_train[idx])
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the training images (for a model's normalization)."""
