@@ -1,0 +1,194 @@
+"""The trainer: config resolution, LR schedules, run directory, bit-identical resume, numerical faults."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from distill.methods import get_method_class
+from distill.methods.darht import DARHT
+from distill.student import load_student
+from distill.trainer import NumericalFault, TrainConfig, lr_factor, resolve_config, train
+from transfer_analysis.data import Augment, make_synthetic
+from transfer_analysis.errors import UserError
+from transfer_analysis.pool import PixelSpaceModel, create_timm_model
+from transfer_analysis.utils import safe_torch_load
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    """96 training images of 1x8x8 (3 batches of 32) with augmentation on, so its RNG is exercised."""
+    ds = make_synthetic(num_classes=4, in_chans=1, image_size=8, n_train=96, n_test=32, seed=1)
+    return dataclasses.replace(ds, augment=Augment(crop_padding=1, flip=True))
+
+
+def _teachers() -> dict[str, nn.Module]:
+    out = {}
+    for i, name in enumerate(("a", "b")):
+        torch.manual_seed(100 + i)
+        out[name] = PixelSpaceModel(create_timm_model("resnet18_cifar", num_classes=4, in_chans=1, width=4))
+    return out
+
+
+def _config(**overrides) -> dict:
+    cfg = {"method": "darht", "student": "resnet18_cifar", "student_kwargs": {"width": 4}, "dataset": "synthetic",
+           "method_kwargs": {"steps": 2}, "epochs": 3, "batch_size": 32, "eps": 0.1, "eval_samples": 8,
+           "eval_pgd_steps": 2, "final_attacks": ["clean", "pgd5"], "final_eval_samples": 8,
+           "final_check_eps_sweep": False, "device": "cpu", "seed": 3}
+    cfg.update(overrides)
+    return cfg
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_resolve_config_uses_the_method_protocol_and_validates() -> None:
+    cfg = resolve_config({"method": "darht", "student": "resnet18_cifar", "dataset": "cifar10"})
+    assert (cfg.epochs, cfg.batch_size, cfg.weight_decay, cfg.lr) == (200, 256, 5e-4, 0.1)
+    assert cfg.milestones == pytest.approx([0.575, 0.8, 0.925])
+    cfg = resolve_config({"method": "fast-at", "student": "s", "dataset": "d", "eps": "4/255", "lr": 0.05})
+    assert (cfg.lr_schedule, cfg.lr, cfg.eps) == ("cyclic", 0.05, pytest.approx(4 / 255))
+    with pytest.raises(UserError, match="unknown option 'epoch'.*did you mean 'epochs'"):
+        resolve_config({"method": "darht", "student": "s", "dataset": "d", "epoch": 3})
+    with pytest.raises(UserError, match="epochs must be an integer >= 1"):
+        resolve_config({"method": "darht", "student": "s", "dataset": "d", "epochs": 0})
+    with pytest.raises(UserError, match="milestones"):
+        resolve_config({"method": "darht", "student": "s", "dataset": "d", "milestones": [0.8, 0.5]})
+    with pytest.raises(UserError, match="unknown attack"):
+        resolve_config({"method": "darht", "student": "s", "dataset": "d", "final_attacks": "pgd,nope"})
+    with pytest.raises(UserError, match="not inside method_kwargs"):
+        resolve_config({"method": "darht", "student": "s", "dataset": "d", "method_kwargs": {"eps": 0.1}})
+
+
+def test_lr_schedules() -> None:
+    base = {"method": "standard", "student": "s", "dataset": "d", "epochs": 10}
+    step = TrainConfig(**base, lr_schedule="step", milestones=[0.5, 0.8], gamma=0.1)
+    assert [round(lr_factor(e * 4, 4, step), 6) for e in (0, 4, 5, 7, 8, 9)] == [1, 1, 0.1, 0.1, 0.01, 0.01]
+    cos = TrainConfig(**base, lr_schedule="cosine")
+    assert lr_factor(0, 4, cos) == 1.0 and lr_factor(20, 4, cos) == pytest.approx(0.5)
+    cyc = TrainConfig(**base, lr_schedule="cyclic")
+    assert lr_factor(15, 4, cyc) == pytest.approx(1.0) and lr_factor(39, 4, cyc) == pytest.approx(0.0)
+    warm = TrainConfig(**base, lr_schedule="constant", warmup_epochs=1)
+    assert [lr_factor(i, 4, warm) for i in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_run_directory_and_summary(data, tmp_path: Path) -> None:
+    teachers = _teachers()
+    before = {n: {k: v.clone() for k, v in t.state_dict().items()} for n, t in teachers.items()}
+    result = train(_config(epochs=2), tmp_path / "run", dataset=data, teachers=teachers)
+    run = result.run_dir
+    assert result.completed
+    for name in ("config.yaml", "env.json", "summary.csv", "metrics.json", "student.safetensors", "checkpoint.pt",
+                 "eval_indices.json", "final_eval_indices.json"):
+        assert (run / name).is_file(), name
+    rows = _read_csv(run / "summary.csv")
+    assert list(rows[0]) == ["epoch", "lr", "loss", "ce", "kd", "adv_batch", "w_a", "w_b", "train_acc",
+                             "test_clean_acc", "test_pgd_acc", "epoch_time_s"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for row in rows:
+        for key in ("loss", "train_acc", "test_clean_acc", "test_pgd_acc"):
+            assert 0 <= float(row[key]) < 100
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"n", "eps", "accuracy", "worst_case", "flags", "settings", "training"} <= set(metrics)
+    assert metrics["n"] == 8 and set(metrics["accuracy"]) == {"clean", "pgd5"}
+    assert metrics["training"]["epochs"] == 2 and metrics["training"]["teachers"] == ["a", "b"]
+    assert json.loads((run / "eval_indices.json").read_text())["n"] == 8
+    # the reported model is the last one: student.safetensors == the last checkpoint's student
+    ckpt = safe_torch_load(run / "checkpoint.pt")
+    assert ckpt["epoch"] == 2
+    saved = load_student(run)
+    for key, value in saved.state_dict().items():
+        assert torch.equal(value, ckpt["student"][key]), key
+    # teachers frozen throughout: no BatchNorm statistic or weight moved
+    for name, t in teachers.items():
+        for key, value in t.state_dict().items():
+            assert torch.equal(value, before[name][key])
+    # an existing run is never clobbered by accident
+    with pytest.raises(UserError, match="already holds a run"):
+        train(_config(epochs=2), run, dataset=data, teachers=_teachers())
+
+
+@pytest.mark.parametrize("method", ["darht", "mtard"])
+def test_resume_is_bit_identical(data, tmp_path: Path, monkeypatch, method: str) -> None:
+    cfg = _config(method=method)
+    full = train(cfg, tmp_path / "full", dataset=data, teachers=_teachers())
+
+    # 1) stop after the first epoch (a time-sliced job), 2) crash in the middle of the second epoch
+    part = train(cfg, tmp_path / "part", dataset=data, teachers=_teachers(), stop_after_epochs=1)
+    assert not part.completed and len(part.history) == 1
+    cls = get_method_class(method)
+    original = cls.step
+    calls = {"n": 0}
+
+    def crashing(self, student, x, y):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, student, x, y)
+
+    monkeypatch.setattr(cls, "step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "part", dataset=data, teachers=_teachers(), resume=True)
+    monkeypatch.setattr(cls, "step", original)
+    assert safe_torch_load(tmp_path / "part" / "checkpoint.pt")["epoch"] == 1  # the last good one
+    resumed = train(cfg, tmp_path / "part", dataset=data, teachers=_teachers(), resume=True)
+
+    assert resumed.completed
+    a, b = full.student.state_dict(), resumed.student.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+    strip = [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in full.history]
+    assert strip == [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in resumed.history]
+    assert full.metrics["accuracy"] == resumed.metrics["accuracy"]
+    rows = _read_csv(tmp_path / "part" / "summary.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+
+
+def test_resume_refuses_a_changed_config(data, tmp_path: Path) -> None:
+    train(_config(epochs=1), tmp_path / "run", dataset=data, teachers=_teachers(), stop_after_epochs=0)
+    with pytest.raises(UserError, match="cannot resume.*lr was 0.1, now 0.2"):
+        train(_config(epochs=1, lr=0.2), tmp_path / "run", dataset=data, teachers=_teachers(), resume=True)
+
+
+def test_nonfinite_loss_stops_with_epoch_and_batch(data, tmp_path: Path, monkeypatch) -> None:
+    original = DARHT.step
+    calls = {"n": 0}
+
+    def poisoned(self, student, x, y):
+        calls["n"] += 1
+        parts = original(self, student, x, y)
+        if calls["n"] == 5:  # epoch 2, batch 2 (3 batches per epoch)
+            parts["loss"] = parts["loss"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(DARHT, "step", poisoned)
+    with pytest.raises(NumericalFault, match="non-finite loss.*epoch 2, batch 2.*checkpoint of epoch 1"):
+        train(_config(), tmp_path / "run", dataset=data, teachers=_teachers())
+    assert isinstance(NumericalFault("x"), UserError)
+    assert safe_torch_load(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
+    assert not (tmp_path / "run" / "student.safetensors").exists()
+
+
+def test_plain_method_ignores_teachers_and_builds_a_plain_student(data, tmp_path: Path) -> None:
+    result = train(_config(method="pgd-at", epochs=1, method_kwargs={"steps": 1}), tmp_path / "run", dataset=data,
+                   teachers=_teachers())
+    assert not result.student.has_map
+    assert result.metrics["training"]["teachers"] == []
+    assert list(_read_csv(tmp_path / "run" / "summary.csv")[0])[:4] == ["epoch", "lr", "loss", "ce_adv"]
