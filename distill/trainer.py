@@ -153,6 +153,7 @@ class TrainConfig:
     final_attacks: list[str] = field(default_factory=lambda: list(DEFAULT_FINAL_ATTACKS))
     final_eval_samples: int | None = None
     final_check_eps_sweep: bool = True
+    eval_seed: int | None = None
     amp: bool = True
     channels_last: bool = False
     compile: bool = False
@@ -572,9 +573,10 @@ def train(config: TrainConfig | Mapping[str, Any], out: str | os.PathLike, *, re
     if cfg.compile:
         student.backbone.compile()
 
-    eval_idx = balanced_subset(data.y_test, cfg.eval_samples, seed=cfg.seed) if cfg.eval_samples else \
+    eval_seed = _eval_seed(cfg)
+    eval_idx = balanced_subset(data.y_test, cfg.eval_samples, seed=eval_seed) if cfg.eval_samples else \
         torch.zeros(0, dtype=torch.long)
-    save_indices(run_dir / "eval_indices.json", eval_idx, split="test", dataset=data.name, seed=cfg.seed)
+    save_indices(run_dir / "eval_indices.json", eval_idx, split="test", dataset=data.name, seed=eval_seed)
     x_eval, y_eval = data.images("test", eval_idx), data.labels("test", eval_idx)
     augment = data.augment if cfg.augment else None
 
@@ -671,14 +673,20 @@ def train(config: TrainConfig | Mapping[str, Any], out: str | os.PathLike, *, re
     return TrainResult(run_dir, student, history, metrics, True, cfg)
 
 
+def _eval_seed(cfg: TrainConfig) -> int:
+    """Seed of the evaluation subsets: ``eval_seed`` when set (a study evaluates every student on the
+    same images whatever its training seed), else ``seed``."""
+    return cfg.eval_seed if cfg.eval_seed is not None else cfg.seed
+
+
 def _final_evaluation(student: Student, data: ImageDataset, cfg: TrainConfig, device: torch.device, run_dir: Path,
                       pool: Mapping[str, nn.Module]) -> dict[str, Any]:
     from distill.evaluation import evaluate_robustness
 
     n_test = len(data.y_test)
     n = cfg.final_eval_samples if cfg.final_eval_samples is not None else n_test
-    idx = balanced_subset(data.y_test, n, seed=cfg.seed)
-    save_indices(run_dir / "final_eval_indices.json", idx, split="test", dataset=data.name, seed=cfg.seed)
+    idx = balanced_subset(data.y_test, n, seed=_eval_seed(cfg))
+    save_indices(run_dir / "final_eval_indices.json", idx, split="test", dataset=data.name, seed=_eval_seed(cfg))
     x, y = data.images("test", idx), data.labels("test", idx)
     return evaluate_robustness(student, x, y, attacks=cfg.final_attacks, eps=cfg.eps,
                                batch_size=cfg.eval_batch_size or cfg.batch_size, pool=dict(pool) or None,

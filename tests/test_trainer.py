@@ -192,3 +192,13 @@ def test_plain_method_ignores_teachers_and_builds_a_plain_student(data, tmp_path
     assert not result.student.has_map
     assert result.metrics["training"]["teachers"] == []
     assert list(_read_csv(tmp_path / "run" / "summary.csv")[0])[:4] == ["epoch", "lr", "loss", "ce_adv"]
+
+
+def test_eval_seed_fixes_the_evaluation_images_across_training_seeds(data, tmp_path: Path) -> None:
+    runs = [train(_config(method="pgd-at", epochs=1, method_kwargs={"steps": 1}, seed=s, eval_seed=7,
+                          final_eval_samples=12), tmp_path / f"run{s}", dataset=data) for s in (0, 1)]
+    per_epoch = [json.loads((r.run_dir / "eval_indices.json").read_text())["indices"] for r in runs]
+    final = [json.loads((r.run_dir / "final_eval_indices.json").read_text())["indices"] for r in runs]
+    assert per_epoch[0] == per_epoch[1] and final[0] == final[1] and len(final[0]) == 12
+    assert not torch.equal(runs[0].student.state_dict()["backbone.model.head.weight"],
+                           runs[1].student.state_dict()["backbone.model.head.weight"])

@@ -128,14 +128,14 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 # Python and NumPy RNG states are tuples of ints: store them as int64 tensors so that the resume
 # checkpoint loads with ``weights_only=True``.
-def _python_rng_to_tensor(st: tuple) -> torch.Tensor:
+def _python_rng_to_tensor(st: tuple) -> dict[str, Any]:
     version, internal, gauss = st
-    return torch.tensor([version, *internal, -1 if gauss is None else 1], dtype=torch.int64)
+    return {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss": None if gauss is None else float(gauss)}
 
 
-def _python_rng_from_tensor(t: torch.Tensor) -> tuple:
-    vals = [int(v) for v in t.tolist()]
-    return (vals[0], tuple(vals[1:-1]), None)
+def _python_rng_from_tensor(d: Mapping[str, Any]) -> tuple:
+    return (int(d["version"]), tuple(int(v) for v in d["internal"].tolist()), d["gauss"])
 
 
 def _numpy_rng_to_tensor(st: tuple) -> dict[str, Any]:
