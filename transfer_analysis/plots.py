@@ -1,0 +1,102 @@
+"""Figures of the toolkit, drawn with matplotlib's object API on the Agg canvas (no pyplot state).
+
+Example:
+    >>> import tempfile, pathlib
+    >>> import pandas as pd
+    >>> m = pd.DataFrame([[1.0, 0.25], [0.5, float("nan")]], index=pd.Index(["a", "b"], name="source"),
+    ...                  columns=["a", "b"])
+    >>> p = plot_heatmap(m, pathlib.Path(tempfile.mkdtemp()) / "h.png", title="demo")
+    >>> p.read_bytes()[:4] == b"\\x89PNG"
+    True
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .utils import atomic_write
+
+__all__ = ["plot_heatmap"]
+
+
+def plot_heatmap(matrix: pd.DataFrame, path: str | os.PathLike, title: str | None = None,
+                 colorbar_label: str = "transfer rate", vmin: float = 0.0, vmax: float = 1.0,
+                 cmap: str = "viridis", annotate: bool = True, dpi: int = 150) -> Path:
+    """Draw a source x target matrix as an annotated heatmap with a fixed colour scale; write a PNG.
+
+    Rows are sources (the matrix index), columns targets. Cells show the value with two decimals
+    (``-`` where it is NaN, drawn grey); the figure and fonts scale with the number of models so
+    that 20 models stay readable. The file is written atomically.
+
+    Args:
+        matrix: values in [vmin, vmax], index = sources, columns = targets.
+        path: where to write the PNG.
+        title: figure title.
+        colorbar_label: label of the colour bar.
+        vmin, vmax: fixed colour scale (0-1 by default, so figures are comparable).
+        cmap: matplotlib colour map name.
+        annotate: write each cell's value.
+        dpi: resolution.
+
+    Returns:
+        The path written.
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    values = matrix.to_numpy(dtype=float)
+    n_rows, n_cols = values.shape
+    side = max(n_rows, n_cols)
+    cell = 0.55 if side <= 12 else 0.45
+    width = max(4.5, cell * n_cols + 2.8)
+    height = max(3.5, cell * n_rows + 2.0)
+    label_size = 10 if side <= 8 else (8 if side <= 16 else 7)
+    annot_size = 9 if side <= 8 else (7 if side <= 16 else 6)
+
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    colour_map = colormaps[cmap].with_extremes(bad="#d0d0d0")
+    masked = np.ma.masked_invalid(values)
+    image = ax.imshow(masked, cmap=colour_map, vmin=vmin, vmax=vmax, aspect="equal", interpolation="nearest")
+    ax.set_xticks(range(n_cols))
+    ax.set_yticks(range(n_rows))
+    ax.set_xticklabels([str(c) for c in matrix.columns], rotation=45 if side <= 8 else 60, ha="right",
+                       rotation_mode="anchor", fontsize=label_size)
+    ax.set_yticklabels([str(r) for r in matrix.index], fontsize=label_size)
+    ax.set_xlabel("target", fontsize=label_size + 1)
+    ax.set_ylabel(str(matrix.index.name or "source"), fontsize=label_size + 1)
+    ax.set_xticks(np.arange(-0.5, n_cols, 1), minor=True)
+    ax.set_yticks(np.arange(-0.5, n_rows, 1), minor=True)
+    ax.grid(which="minor", color="white", linewidth=0.6)
+    ax.tick_params(which="minor", length=0)
+    if annotate:
+        for i in range(n_rows):
+            for j in range(n_cols):
+                v = values[i, j]
+                if math.isnan(v):
+                    ax.text(j, i, "-", ha="center", va="center", fontsize=annot_size, color="#505050")
+                    continue
+                r, g, b, _ = colour_map((v - vmin) / (vmax - vmin) if vmax > vmin else 0.0)
+                luminance = 0.299 * r + 0.587 * g + 0.114 * b
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=annot_size,
+                        color="black" if luminance > 0.5 else "white")
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label(colorbar_label, fontsize=label_size)
+    bar.ax.tick_params(labelsize=label_size)
+    if title:
+        ax.set_title(title, fontsize=label_size + 1)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    path = Path(path)
+    with atomic_write(path, "wb") as fh:
+        fh.write(buf.getvalue())
+    return path
