@@ -10,7 +10,9 @@ import pytest
 import torch
 import yaml
 
-torch.set_num_threads(2)
+# One thread: tiny models gain nothing from more, and OpenMP spinning on a loaded 2-core machine
+# made single forwards 100x slower and erratic.
+torch.set_num_threads(1)
 
 # A tiny CNN from the registered CIFAR architectures, fast on CPU.
 TINY_CNN = {"arch": "resnet18_cifar", "kwargs": {"width": 4}, "family": "cnn"}

@@ -163,3 +163,16 @@ def test_load_pool_subset_in_requested_order(write_pool):
     assert list(load_pool(path, 4, 1, 12, names=["c", "a"])) == ["c", "a"]
     with pytest.raises(UserError, match="not in"):
         load_pool(path, 4, 1, 12, names=["zz"])
+
+
+def test_random_init_depends_on_seed_and_name_only(write_pool):
+    path = write_pool([{"name": n, **TINY_CNN} for n in ("a", "b")])
+    both = load_pool(path, 4, 1, 12, init_seed=3)
+    alone = load_pool(path, 4, 1, 12, names=["b"], init_seed=3)
+    assert both["b"].fingerprint == alone["b"].fingerprint != both["a"].fingerprint
+    assert load_pool(path, 4, 1, 12, init_seed=4)["b"].fingerprint != both["b"].fingerprint
+    torch.manual_seed(0)
+    before = torch.rand(1)
+    torch.manual_seed(0)
+    load_pool(path, 4, 1, 12, init_seed=3)
+    assert torch.equal(torch.rand(1), before)  # the global RNG is left as it was

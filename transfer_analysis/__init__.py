@@ -56,6 +56,7 @@ _EXPORTS: dict[str, str] = {
     "TransferResult": "matrix",
     "wilson_interval": "matrix",
     "save_matrix_outputs": "matrix",
+    "run_matrix": "matrix",
     "MatrixCache": "cache",
     "plot_heatmap": "plots",
 }

@@ -559,3 +559,89 @@ def save_matrix_outputs(result: TransferResult, out_dir: str | Path, heatmap: bo
         title = f"transfer rate: {result.attack.name}, eps {format_eps(result.attack.eps)}, n={len(result.labels)}"
         paths["heatmap"] = plot_heatmap(result.matrix, out / "transfer_heatmap.png", title=title)
     return paths
+
+
+def _check_matrix_out_dir(out: Path) -> None:
+    """Refuse an output directory that holds another command's run."""
+    import yaml
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory; choose another path")
+    config = out / "config.yaml"
+    if config.is_file():
+        try:
+            data = yaml.safe_load(config.read_text())
+        except yaml.YAMLError:
+            data = None
+        if not isinstance(data, dict) or data.get("command") != "matrix":
+            raise UserError(f"{out} holds another run (its config.yaml is not from 'darht matrix'); "
+                            "choose another --out")
+
+
+def run_matrix(pool_path: str | Path, dataset: str | Any, out: str | Path, *, attack: AttackConfig,
+               n_samples: int = 1000, batch_size: int = 256, seed: int = 0, device: str | torch.device = "cpu",
+               cache_dir: str | Path | None = None, names: Sequence[str] | None = None,
+               data_root: str | None = None, download: bool = True) -> TransferResult:
+    """Everything ``darht matrix`` does: validate, build the pool, compute, write the run directory.
+
+    Args:
+        pool_path: the pool YAML file.
+        dataset: a dataset name or ``.npz`` path, or an already loaded ``ImageDataset``.
+        out: the run directory (re-running into it updates the outputs; the cache makes it cheap).
+        attack: the attack settings.
+        n_samples: test images (seeded class-balanced subset; all, in order, when at least the test set).
+        cache_dir: the per-source cache (default ``out/cache``).
+        names: a subset of the pool's models (pool order is kept).
+
+    Every input is checked before anything is written, so a mistake leaves no output behind.
+    """
+    from transfer_analysis.data import balanced_subset, load_dataset, save_indices
+    from transfer_analysis.pool import build_pool_model, read_pool_config
+    from transfer_analysis.utils import format_eps, prepare_out_dir, write_env_json, write_run_config
+
+    attack = attack.resolved()
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be a positive integer, got {batch_size}")
+    if names is not None:
+        if not names:
+            raise UserError("--models is empty; give comma-separated model names, e.g. --models a,b")
+        if len(set(names)) != len(names):
+            raise UserError(f"--models names a model twice: {','.join(names)}")
+    out = Path(out)
+    _check_matrix_out_dir(out)
+    ds = load_dataset(dataset, data_root, download=download) if isinstance(dataset, (str, Path)) else dataset
+    indices = balanced_subset(ds.y_test, n_samples, seed=seed)
+    entries = read_pool_config(pool_path)
+    known = [e.name for e in entries]
+    if names is not None and set(names) - set(known):
+        unknown = [n for n in names if n not in known]
+        raise UserError(f"model(s) {', '.join(unknown)} not in {pool_path}; the pool has {', '.join(known)}")
+    # rows/columns in pool order; random-init models get weights from (seed, name) only, so their
+    # cached results stay valid whatever subset or order is run
+    pool = {e.name: build_pool_model(e, ds.num_classes, ds.in_chans, ds.image_size, device="cpu", init_seed=seed)
+            for e in entries if names is None or e.name in names}
+
+    prepare_out_dir(out, resume=True)
+    cache_dir = Path(cache_dir) if cache_dir is not None else out / "cache"
+    save_indices(out / "indices.json", indices, dataset=ds.name, split="test", seed=seed)
+    indices_sha = hashlib.sha256(",".join(str(int(i)) for i in indices).encode()).hexdigest()
+    write_run_config(out, {
+        "command": "matrix",
+        "pool": str(Path(pool_path).resolve()),
+        "models": [{"name": n, "arch": m.entry.arch, "family": m.entry.family, "fingerprint": m.fingerprint}
+                   for n, m in pool.items()],
+        "dataset": str(dataset) if isinstance(dataset, (str, Path)) else ds.name, "data_root": data_root,
+        "n_samples": n_samples, "n": int(len(indices)), "indices_sha256": indices_sha, "seed": seed,
+        "attack": attack.to_dict(), "eps_readable": format_eps(attack.eps), "batch_size": batch_size,
+        "device": str(device), "cache": str(cache_dir.resolve()), "metrics": ["transfer_rate", "target_error"],
+    })
+    write_env_json(out, device)
+    logger.info("%d models, %d test images of %s, attack %s", len(pool), len(indices), ds.name, attack.describe())
+    result = transfer_matrix(pool, ds.images("test", indices), ds.labels("test", indices), attack,
+                             batch_size=batch_size, device=device, cache_dir=cache_dir, seed=seed, dataset=ds.name,
+                             indices=indices)
+    paths = save_matrix_outputs(result, out)
+    logger.info("wrote %s (attacks run: %d, target evaluations: %d, sources fully cached: %d)",
+                ", ".join(p.name for p in paths.values()), result.stats["attacks_run"],
+                result.stats["target_evaluations"], result.stats["sources_from_cache"])
+    return result

@@ -61,6 +61,7 @@ __all__ = [
     "apply_state_dict",
     "model_fingerprint",
     "count_params",
+    "init_seed_for",
 ]
 
 logger = logging.getLogger(__name__)
@@ -357,9 +358,24 @@ def create_timm_model(arch: str, num_classes: int, in_chans: int, pretrained: bo
         raise UserError(f"could not build {arch} with {kwargs}: {type(err).__name__}: {err}") from err
 
 
+def init_seed_for(seed: int, name: str) -> int:
+    """The seed of a pool model's random initialization: a function of (seed, name) only."""
+    return int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()[:8], 16)
+
+
 def build_pool_model(entry: PoolEntry, num_classes: int, in_chans: int, image_size: int | tuple[int, int],
-                     device: torch.device | str = "cpu", check_forward: bool = True) -> PixelSpaceModel:
-    """Build one pool entry as a frozen :class:`PixelSpaceModel` (eval mode, no parameter gradients)."""
+                     device: torch.device | str = "cpu", check_forward: bool = True,
+                     init_seed: int | None = None) -> PixelSpaceModel:
+    """Build one pool entry as a frozen :class:`PixelSpaceModel` (eval mode, no parameter gradients).
+
+    With ``init_seed``, the random initialization (what a model without checkpoint or pretrained
+    weights keeps) is seeded from ``(init_seed, entry.name)``: the same weights whichever other
+    models are built, and in whatever order, so results cached per model stay valid.
+    """
+    if init_seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed_for(init_seed, entry.name))
+            return build_pool_model(entry, num_classes, in_chans, image_size, device, check_forward)
     size = entry.input_size if entry.input_size is not None else image_size
     size_hw = (size, size) if isinstance(size, int) else tuple(size)
     kwargs = dict(entry.kwargs)
@@ -421,8 +437,12 @@ def _fit_channels(values: list[float], in_chans: int) -> list[float] | None:
 
 
 def load_pool(path: str | os.PathLike, num_classes: int, in_chans: int, image_size: int | tuple[int, int],
-              device: torch.device | str = "cpu", names: Sequence[str] | None = None) -> dict[str, nn.Module]:
-    """Build every model of a pool file (or only ``names``), frozen, in file order.
+              device: torch.device | str = "cpu", names: Sequence[str] | None = None,
+              init_seed: int | None = 0) -> dict[str, nn.Module]:
+    """Build every model of a pool file (or only ``names``, in that order), frozen.
+
+    Models without weights are randomly initialized from ``(init_seed, name)`` (see
+    :func:`build_pool_model`); ``init_seed=None`` uses the global RNG instead.
 
     Example: see the module docstring.
     """
@@ -437,5 +457,5 @@ def load_pool(path: str | os.PathLike, num_classes: int, in_chans: int, image_si
     pool: dict[str, nn.Module] = {}
     for entry in entries:
         logger.debug("building pool model %s (%s)", entry.name, entry.arch)
-        pool[entry.name] = build_pool_model(entry, num_classes, in_chans, image_size, device)
+        pool[entry.name] = build_pool_model(entry, num_classes, in_chans, image_size, device, init_seed=init_seed)
     return pool
