@@ -98,7 +98,7 @@ BAD = {
     "non-square": "source,a,b\na,1,0.2\n",
     "names-differ": "source,a,b\na,1,0.2\nc,0.1,1\n",
     "non-numeric": "source,a,b\na,1,high\nb,0.1,1\n",
-    "nan-off-diagonal": "source,a,b\na,1,nan\nb,0.1,1\n",
+    "nan-both-directions": "source,a,b\na,1,nan\nb,nan,1\n",
     "duplicate": "source,a,a\na,1,0.2\na,0.1,1\n",
     "missing-name": "source,a,b\n,1,0.2\nb,0.1,1\n",
     "ragged": "source,a,b\na,1,0.2,0.4\nb,0.1,1\n",

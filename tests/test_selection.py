@@ -420,7 +420,7 @@ def test_read_matrix_dir_and_file_and_models(tmp_path):
     ("source,a,b\na,1,0.2\n", "not square"),
     ("source,a,b\na,1,0.2\nc,0.1,1\n", "row and column names differ"),
     ("source,a,b\na,1,x\nb,0.1,1\n", "not a number"),
-    ("source,a,b\na,1,\nb,0.1,1\n", "empty/NaN"),
+    ("source,a,b\na,1,\nb,,1\n", "both empty/NaN"),
     ("source,a,a\na,1,0.2\na,0.1,1\n", "duplicate"),
     ("source,a,\na,1,0.2\nb,0.1,1\n", "name missing"),
     ("source,a,b\n,1,0.2\nb,0.1,1\n", "name missing"),
@@ -477,3 +477,12 @@ def test_doctests_run():
     for mod in (selection, graph_plot):
         res = doctest.testmod(mod)
         assert res.failed == 0 and res.attempted > 0
+
+
+def test_an_empty_direction_defers_to_the_other():
+    """A cell with nothing to count (NaN) uses the reverse direction for the pair score."""
+    T = pd.DataFrame([[1.0, np.nan, 0.2], [0.5, 1.0, 0.4], [0.1, 0.3, 1.0]], index=list("abc"), columns=list("abc"))
+    assert pair_scores(T, "max").loc["a", "b"] == 0.5 and pair_scores(T, "mean").loc["b", "a"] == 0.5
+    assert pair_scores(T, "mean").loc["b", "c"] == pytest.approx(0.35)
+    rec = select_teachers(T, k=2)
+    assert list(rec.best.teachers) == ["a", "c"] and rec.best.max_pair == pytest.approx(0.2)

@@ -379,11 +379,14 @@ def validate_matrix(matrix: pd.DataFrame, where: str = "transfer matrix") -> pd.
     df = df.loc[rows, rows]
     arr = df.to_numpy()
     off = ~np.eye(len(rows), dtype=bool)
-    bad = np.argwhere(off & np.isnan(arr))
+    # An empty cell is a transfer rate with no sample to count (no image both models classify correctly
+    # and the source's attack fools); the pair score then uses the other direction. A pair empty both
+    # ways has no score.
+    bad = np.argwhere(off & np.isnan(arr) & np.isnan(arr.T))
     if len(bad):
         i, j = bad[0]
-        raise UserError(f"{where}: cell [{rows[i]}, {rows[j]}] is empty/NaN; only the diagonal may be missing "
-                        "(re-create the matrix, e.g. with more --n-samples)")
+        raise UserError(f"{where}: cells [{rows[i]}, {rows[j]}] and [{rows[j]}, {rows[i]}] are both empty/NaN, so "
+                        "the pair has no score; re-create the matrix with more --n-samples")
     bad = np.argwhere(np.isinf(arr) | (arr < 0) | (arr > 1))
     if len(bad):
         i, j = bad[0]
@@ -504,7 +507,11 @@ def pair_scores(matrix: pd.DataFrame, pair: PairRule | str = "max") -> pd.DataFr
     rule = _coerce(PairRule, pair, "pair")
     m = validate_matrix(matrix)
     a = m.to_numpy()
-    s = np.maximum(a, a.T) if rule is PairRule.MAX else (a + a.T) / 2.0
+    # an empty direction (NaN: nothing to count) defers to the other one
+    if rule is PairRule.MAX:
+        s = np.fmax(a, a.T)
+    else:
+        s = np.where(np.isnan(a), a.T, np.where(np.isnan(a.T), a, (a + a.T) / 2.0))
     np.fill_diagonal(s, np.nan)
     return pd.DataFrame(s, index=m.index.copy(), columns=m.columns.copy())
 
