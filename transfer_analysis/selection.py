@@ -277,7 +277,8 @@ def read_matrix(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame | N
     The CSV has a first column ``source`` and one column per target; cell ``[s, t]`` is the rate
     at which adversarial examples crafted on ``s`` fool ``t``. Columns are reordered to match the
     rows. Anything malformed (non-square, row and column names differ, duplicate or missing names,
-    non-numeric cells, NaN off the diagonal, values outside [0, 1]) is a :class:`UserError`.
+    non-numeric cells, a pair empty in both directions, values outside [0, 1]) is a
+    :class:`UserError`.
 
     Args:
         path: the CSV, or a directory holding ``transfer_matrix.csv``.
@@ -339,8 +340,8 @@ def validate_matrix(matrix: pd.DataFrame, where: str = "transfer matrix") -> pd.
         A float copy whose columns follow the index order.
 
     Raises:
-        UserError: non-square, names differ, duplicate or empty names, non-numeric or NaN
-            off-diagonal cells, values outside [0, 1].
+        UserError: non-square, names differ, duplicate or empty names, non-numeric cells, a pair
+            empty (NaN) in both directions, values outside [0, 1].
 
     Example:
         >>> import pandas as pd
