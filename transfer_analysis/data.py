@@ -46,6 +46,7 @@ __all__ = [
     "load_indices",
     "augment_batch",
     "default_data_root",
+    "dataset_shape",
 ]
 
 logger = logging.getLogger(__name__)
@@ -285,6 +286,28 @@ def load_indices(path: str | os.PathLike) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
+_KNOWN_SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "tiny-imagenet": (3, 64, 200),
+                 "fashion-mnist": (1, 28, 10)}
+
+
+def dataset_shape(name: str | os.PathLike) -> tuple[int, int, int]:
+    """``(in_chans, image_size, num_classes)`` of a dataset, without loading a named one.
+
+    Example:
+        >>> dataset_shape("cifar100"), dataset_shape("synthetic:in_chans=1,image_size=8")
+        ((3, 32, 100), (1, 8, 10))
+    """
+    spec = str(name)
+    base, _, options = spec.partition(":")
+    if base.strip().lower() in _KNOWN_SHAPES and not options:
+        return _KNOWN_SHAPES[base.strip().lower()]
+    if base.strip().lower() == "synthetic":
+        opts = {"in_chans": 3, "image_size": 32, "num_classes": 10, **_parse_options(options)}
+        return opts["in_chans"], opts["image_size"], opts["num_classes"]
+    ds = load_dataset(spec, download=False)
+    return ds.in_chans, ds.image_size, ds.num_classes
+
+
 def default_data_root() -> Path:
     """``$DARHT_DATA`` or ``~/.cache/darht/data``."""
     return Path(os.environ.get("DARHT_DATA", Path.home() / ".cache" / "darht" / "data"))

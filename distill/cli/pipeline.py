@@ -1,17 +1,41 @@
-"""`darht pipeline`: Run a whole study from a config."""
+"""``darht pipeline``: run a whole study from a config: pool, matrix, recommendation, students, report."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 
-from distill.cli.common import not_landed
+HELP = "Run a whole study from a config: pool, matrix, recommendation, students, evaluation, report"
 
-HELP = "Run a whole study from a config (not available yet)"
+logger = logging.getLogger("darht.pipeline")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """No options until  pool, matrix, recommendation, students, report:the pipeline issue lands."""
+    p.add_argument("--config", required=True, help="study config, e.g. experiments/configs/quickstart.yaml")
+    p.add_argument("--out", default=None, help="run directory (default runs/<study name>)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    g.add_argument("--force", action="store_true", help="replace the run in --out")
+    p.add_argument("--dry-run", action="store_true", help="validate the config, print the plan, write nothing")
 
 
 def run(args: argparse.Namespace) -> int:
-    return not_landed("pipeline", " pool, matrix, recommendation, students, report:the pipeline issue")
+    import sys
+
+    from distill.pipeline import run_pipeline
+    from distill.pipeline.config import describe_plan
+
+    from distill.pipeline.config import load_study_config
+
+    out = args.out if args.out is not None else f"runs/{load_study_config(args.config)['study']}"
+    # the command that reproduces this run (add --resume to continue it after an interruption)
+    command = ["darht", "pipeline", "--config", args.config, "--out", str(out)]
+    if args.device != "auto":
+        command += ["--device", args.device]
+    result = run_pipeline(args.config, out, resume=args.resume, force=args.force, device=args.device,
+                          dry_run=args.dry_run, command=command)
+    if args.dry_run:
+        sys.stdout.write("\n".join(describe_plan(result.config)) + "\n")
+        return 0
+    sys.stdout.write(f"{result.report}\n")
+    return 0

@@ -1,0 +1,285 @@
+"""Study configs for ``darht pipeline``: schema, defaults, validation and the plan a dry run prints.
+
+A study config is one YAML file (see ``experiments/configs/``)::
+
+    study: fashion-mnist          # a name for the report
+    dataset: fashion-mnist        # any --dataset value
+    seed: 0
+    eps: 0.1                      # the budget everywhere (teacher training, matrix, students, evaluation)
+    train_subset: 10000           # seeded class-balanced training images for every training stage (null: all)
+    pool:                         # pool entries (DESIGN.md schema) plus `train:` for teachers made here
+      - {name: cnn_a, arch: resnet18_cifar, kwargs: {width: 16}, family: cnn,
+         train: {method: fast-at, epochs: 3}}
+    matrix: {n_samples: 1000, attack: pgd, steps: 10}
+    recommend: {k: 3, objective: minimax, pair: max}
+    students:
+      arch: resnet18_cifar
+      kwargs: {width: 16}
+      epochs: 5
+      seeds: [0, 1]
+      runs:
+        - {method: darht, teacher_set: low-transfer}
+        - {method: pgd-at, teacher_set: none}
+    evaluation: {n_samples: 1000, attacks: [clean, fgsm, pgd20, cw, autoattack]}
+
+Every mistake is a :class:`~transfer_analysis.errors.UserError` naming the key.
+
+Example:
+    >>> cfg = validate_study_config({"dataset": "synthetic", "pool": [
+    ...     {"name": "a", "arch": "resnet18_cifar", "train": {"epochs": 1}},
+    ...     {"name": "b", "arch": "resnet18_cifar", "train": {"epochs": 1}}],
+    ...     "recommend": {"k": 2}, "students": {"arch": "resnet18_cifar",
+    ...     "runs": [{"method": "darht", "teacher_set": "low-transfer"}]}})
+    >>> cfg["students"]["seeds"], cfg["matrix"]["attack"]
+    ([0], 'pgd')
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from transfer_analysis.errors import UserError
+from transfer_analysis.pool import parse_pool_entries
+from transfer_analysis.utils import parse_eps
+
+__all__ = ["TEACHER_SETS", "DEFAULTS", "load_study_config", "validate_study_config", "student_runs", "describe_plan"]
+
+TEACHER_SETS = ("low-transfer", "high-transfer", "homogeneous", "single", "none", "custom")
+
+DEFAULTS: dict[str, Any] = {
+    "study": None,
+    "description": None,
+    "dataset": None,
+    "data_root": None,
+    "seed": 0,
+    "eps": "8/255",
+    "batch_size": 128,
+    "train_subset": None,
+    "pool": [],
+    "teacher_training": {"method": "pgd-at", "epochs": 10, "lr": 0.1},
+    "matrix": {"n_samples": 1000, "attack": "pgd", "steps": 10, "step_size": None, "batch_size": 256},
+    "recommend": {"k": 3, "objective": "minimax", "pair": "max", "high_objective": "mean"},
+    "students": {"arch": None, "kwargs": {}, "epochs": 10, "lr": 0.1, "seeds": [0], "runs": [],
+                 "method_kwargs": {}, "eval_samples": 500},
+    "evaluation": {"n_samples": 1000, "attacks": ["clean", "fgsm", "pgd20", "cw", "autoattack"],
+                   "batch_size": 256},
+}
+_NEEDS = {"darht": "set", "ard": "one", "rslad": "one", "kd": "one", "mtard": "two",
+          "pgd-at": "none", "trades": "none", "fast-at": "none", "standard": "none"}
+
+
+def _check_keys(section: Mapping[str, Any], allowed: Mapping[str, Any] | set[str], where: str) -> None:
+    unknown = sorted(set(section) - set(allowed))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(allowed), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"{where}: unknown key {unknown[0]!r}{hint}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _merge(defaults: Mapping[str, Any], given: Any, where: str) -> dict[str, Any]:
+    if given is None:
+        given = {}
+    if not isinstance(given, Mapping):
+        raise UserError(f"{where} must be a mapping, got {type(given).__name__}")
+    _check_keys(given, defaults, where)
+    out = copy.deepcopy(dict(defaults))
+    out.update(given)
+    return out
+
+
+def _positive_int(value: Any, where: str, allow_none: bool = False) -> Any:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{where} must be a positive integer, got {value!r}")
+    return value
+
+
+def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
+    """Fill defaults and check every key of a study config; return the resolved config."""
+    if not isinstance(raw, Mapping):
+        raise UserError(f"{source}: a study config is a mapping (see experiments/configs/quickstart.yaml)")
+    cfg = _merge({k: v for k, v in DEFAULTS.items()}, {k: v for k, v in raw.items()}, source)
+    for section in ("teacher_training", "matrix", "recommend", "students", "evaluation"):
+        cfg[section] = _merge(DEFAULTS[section], raw.get(section), f"{source}: {section}")
+    if not cfg["dataset"]:
+        raise UserError(f"{source}: 'dataset' is required (a name such as fashion-mnist, or a .npz path)")
+    cfg["eps_value"] = parse_eps(cfg["eps"], "eps")
+    cfg["seed"] = int(cfg["seed"])
+    _positive_int(cfg["batch_size"], f"{source}: batch_size")
+    _positive_int(cfg["train_subset"], f"{source}: train_subset", allow_none=True)
+
+    # pool: the DESIGN.md schema plus `train:` (a teacher made by this pipeline)
+    if not isinstance(cfg["pool"], list) or not cfg["pool"]:
+        raise UserError(f"{source}: 'pool' must be a non-empty list of models")
+    trains: dict[str, dict[str, Any] | None] = {}
+    stripped = []
+    for i, entry in enumerate(cfg["pool"]):
+        if not isinstance(entry, Mapping):
+            raise UserError(f"{source}: pool model #{i + 1} must be a mapping")
+        train = entry.get("train")
+        if train is not None:
+            train = _merge(cfg["teacher_training"] | {"eps": None, "batch_size": None},
+                           train, f"{source}: pool model {entry.get('name')!r} train")
+        stripped.append({k: v for k, v in entry.items() if k != "train"})
+        trains[str(entry.get("name"))] = train
+    entries = parse_pool_entries({"models": stripped}, f"{source}: pool")
+    for e in entries:
+        if trains[e.name] is None and not e.checkpoint and not e.pretrained:
+            raise UserError(f"{source}: pool model {e.name!r} needs 'train:' (made here), 'checkpoint:' or "
+                            "'pretrained: true'")
+        t = trains[e.name]
+        if t is not None:
+            if t["method"] not in ("standard", "fast-at", "pgd-at", "trades"):
+                raise UserError(f"{source}: pool model {e.name!r}: train.method must be standard, fast-at, pgd-at "
+                                f"or trades, got {t['method']!r}")
+            _positive_int(t["epochs"], f"{source}: pool model {e.name!r} train.epochs")
+            t["eps_value"] = parse_eps(t["eps"], "eps") if t["eps"] is not None else cfg["eps_value"]
+    cfg["pool"] = [{**e.to_dict(), **({"train": trains[e.name]} if trains[e.name] else {})} for e in entries]
+    names = [e.name for e in entries]
+    families = {e.name: e.family for e in entries}
+
+    m = cfg["matrix"]
+    _positive_int(m["n_samples"], f"{source}: matrix.n_samples")
+    _positive_int(m["steps"], f"{source}: matrix.steps")
+    if m["step_size"] is not None:
+        parse_eps(m["step_size"], "matrix.step_size")
+
+    r = cfg["recommend"]
+    for key in ("objective", "high_objective"):
+        if r[key] not in ("minimax", "mean"):
+            raise UserError(f"{source}: recommend.{key} must be minimax or mean, got {r[key]!r}")
+    if r["pair"] not in ("max", "mean"):
+        raise UserError(f"{source}: recommend.pair must be max or mean, got {r['pair']!r}")
+    k = r["k"]
+    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= len(names):
+        raise UserError(f"{source}: recommend.k must be between 2 and the pool size ({len(names)}), got {k!r}")
+
+    s = cfg["students"]
+    archs = s["arch"] if isinstance(s["arch"], list) else [s["arch"]]
+    if not archs or not all(isinstance(a, str) and a for a in archs) or len(set(archs)) != len(archs):
+        raise UserError(f"{source}: students.arch is required: one architecture for every student, or a list of "
+                        "distinct ones (each run is repeated for each)")
+    s["archs"] = archs
+    _positive_int(s["epochs"], f"{source}: students.epochs")
+    if not isinstance(s["seeds"], list) or not s["seeds"] or not all(isinstance(v, int) for v in s["seeds"]):
+        raise UserError(f"{source}: students.seeds must be a non-empty list of integers")
+    if not isinstance(s["runs"], list) or not s["runs"]:
+        raise UserError(f"{source}: students.runs must list at least one {{method, teacher_set}}")
+    runs = []
+    for i, run in enumerate(s["runs"]):
+        where = f"{source}: students.runs #{i + 1}"
+        if not isinstance(run, Mapping):
+            raise UserError(f"{where} must be a mapping with method and teacher_set")
+        _check_keys(run, {"method", "teacher_set", "family", "teachers", "label", "kwargs"}, where)
+        method = run.get("method")
+        if method not in _NEEDS:
+            close = difflib.get_close_matches(str(method), list(_NEEDS), n=1)
+            raise UserError(f"{where}: unknown method {method!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                            + f"; choose one of {', '.join(_NEEDS)}")
+        tset = run.get("teacher_set", "none" if _NEEDS[method] == "none" else None)
+        if tset not in TEACHER_SETS:
+            raise UserError(f"{where}: teacher_set must be one of {', '.join(TEACHER_SETS)}, got {tset!r}")
+        if (_NEEDS[method] == "none") != (tset == "none"):
+            raise UserError(f"{where}: method {method} " + ("takes no teachers: use teacher_set: none"
+                            if _NEEDS[method] == "none" else "needs teachers: teacher_set cannot be none"))
+        if _NEEDS[method] == "one" and tset not in ("single", "custom"):
+            raise UserError(f"{where}: method {method} distills from one teacher: use teacher_set: single or custom")
+        if tset == "homogeneous":
+            fam = run.get("family")
+            if fam is None:
+                raise UserError(f"{where}: teacher_set homogeneous needs 'family:' (one of "
+                                f"{', '.join(sorted({f for f in families.values() if f}))})")
+            members = [n for n in names if families[n] == fam]
+            if len(members) < (k if _NEEDS[method] == "set" else 1):
+                raise UserError(f"{where}: family {fam!r} has {len(members)} pool model(s), fewer than k = {k}")
+        if tset == "custom":
+            teachers = run.get("teachers")
+            if not isinstance(teachers, list) or not teachers:
+                raise UserError(f"{where}: teacher_set custom needs 'teachers: [names]'")
+            missing = [t for t in teachers if t not in names]
+            if missing:
+                raise UserError(f"{where}: teachers {', '.join(map(str, missing))} are not in the pool")
+        runs.append({"method": method, "teacher_set": tset, "family": run.get("family"),
+                     "teachers": run.get("teachers"), "kwargs": dict(run.get("kwargs") or {}),
+                     "label": run.get("label") or (f"{method}-{tset}" + (f"-{run['family']}" if run.get("family")
+                                                                          and tset == "homogeneous" else ""))})
+    labels = [r_["label"] for r_ in runs]
+    dup = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if dup:
+        raise UserError(f"{source}: students.runs has two runs labelled {dup[0]!r}; give one a 'label:'")
+    s["runs"] = runs
+
+    ev = cfg["evaluation"]
+    _positive_int(ev["n_samples"], f"{source}: evaluation.n_samples")
+    if not isinstance(ev["attacks"], list) or not ev["attacks"]:
+        raise UserError(f"{source}: evaluation.attacks must be a non-empty list")
+    return cfg
+
+
+def load_study_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read (safe loader) and validate a study config; pool paths become relative to the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise UserError(f"{path} is not valid YAML" + (f" at line {mark.line + 1}" if mark else "")
+                        + f": {getattr(err, 'problem', err)}") from err
+    cfg = validate_study_config(raw, str(path))
+    for entry in cfg["pool"]:
+        for key in ("checkpoint", "pretrained_file"):
+            if entry.get(key) and not Path(os.path.expanduser(entry[key])).is_absolute():
+                entry[key] = str(path.parent / entry[key])
+    if cfg["study"] is None:
+        cfg["study"] = path.stem
+    return cfg
+
+
+def student_runs(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every (run, student architecture, seed) of the study, in order, with a directory-safe id.
+
+    With several student architectures the architecture is part of the label.
+    """
+    archs = cfg["students"]["archs"]
+    out = []
+    for run in cfg["students"]["runs"]:
+        for arch in archs:
+            label = run["label"] if len(archs) == 1 else f"{run['label']}-{arch}"
+            for seed in cfg["students"]["seeds"]:
+                out.append({**run, "arch": arch, "label": label, "seed": seed, "id": f"{label}-s{seed}"})
+    return out
+
+
+def describe_plan(cfg: Mapping[str, Any]) -> list[str]:
+    """The stages a run of ``cfg`` performs, one line each (what ``--dry-run`` prints)."""
+    pool = cfg["pool"]
+    trained = [p for p in pool if "train" in p]
+    lines = [f"study {cfg['study']}: dataset {cfg['dataset']}, eps {cfg['eps']} ({cfg['eps_value']:.6f}), "
+             f"seed {cfg['seed']}, training subset {cfg['train_subset'] or 'all'}"]
+    lines.append(f"1. pool: {len(pool)} models in {len({p.get('family') for p in pool})} families; "
+                 f"train {len(trained)} (" + ", ".join(f"{p['name']}: {p['train']['method']} x{p['train']['epochs']}"
+                                                       for p in trained) + f"), load {len(pool) - len(trained)}")
+    m = cfg["matrix"]
+    lines.append(f"2. matrix: {m['attack']} ({m['steps']} steps) on {m['n_samples']} test images, "
+                 f"{len(pool)} sources x {len(pool)} targets")
+    r = cfg["recommend"]
+    lines.append(f"3. recommend: k = {r['k']}, objective {r['objective']}, pair {r['pair']}; "
+                 "low-transfer, high-transfer, per-family and best single teacher")
+    s = cfg["students"]
+    runs = student_runs(cfg)
+    lines.append(f"4. students: {len(runs)} runs of {' and '.join(s['archs'])} x {s['epochs']} epochs ("
+                 + ", ".join(r_["label"] for r_ in s["runs"]) + f"; seeds {s['seeds']})")
+    ev = cfg["evaluation"]
+    lines.append(f"5. evaluation: {', '.join(ev['attacks'])} on {ev['n_samples']} test images per student")
+    lines.append("6. report: report.md with tables and plots")
+    return lines

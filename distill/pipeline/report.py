@@ -1,0 +1,260 @@
+"""``report.md`` for a pipeline run: tables, plots, and plain statements of what the numbers show.
+
+Everything the report shows is copied or drawn into the run directory itself (PNG, CSV), so the
+directory can be committed as it is (``results/<study>/``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from transfer_analysis.utils import atomic_write_text
+
+__all__ = ["write_report", "summarize_students", "plot_robustness_vs_accuracy", "plot_training_curves"]
+
+logger = logging.getLogger(__name__)
+
+_ACC = ["clean_acc", "fgsm_acc", "pgd20_acc", "cw_acc", "autoattack_acc"]
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _table(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def summarize_students(students: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds of every accuracy, per (method, teacher set) label.
+
+    Example:
+        >>> df = pd.DataFrame({"label": ["a", "a"], "method": ["m", "m"], "teacher_set": ["none"] * 2,
+        ...                    "teachers": ["", ""], "seed": [0, 1], "clean_acc": [0.5, 0.7]})
+        >>> summarize_students(df)[["label", "seeds", "clean_acc_mean", "clean_acc_std"]].round(4).values.tolist()
+        [['a', 2, 0.6, 0.1414]]
+    """
+    accs = [c for c in _ACC if c in students.columns]
+    rows = []
+    for label, group in students.groupby("label", sort=False):
+        row: dict[str, Any] = {"label": label, "method": group["method"].iloc[0],
+                               "teacher_set": group["teacher_set"].iloc[0], "teachers": group["teachers"].iloc[0],
+                               "seeds": int(len(group))}
+        for c in accs:
+            vals = pd.to_numeric(group[c], errors="coerce")
+            row[f"{c}_mean"] = float(vals.mean())
+            row[f"{c}_std"] = float(vals.std(ddof=1)) if len(vals.dropna()) > 1 else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_robustness_vs_accuracy(students: pd.DataFrame, path: Path, robust_col: str) -> Path:
+    """Scatter of clean accuracy against robust accuracy, one colour per (method, teacher set)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.8), dpi=120)
+    cmap = plt.get_cmap("tab10")
+    for i, (label, group) in enumerate(students.groupby("label", sort=False)):
+        ax.scatter(group["clean_acc"], group[robust_col], color=cmap(i % 10), label=label, alpha=0.75, s=36)
+        ax.scatter([group["clean_acc"].mean()], [group[robust_col].mean()], color=cmap(i % 10), marker="X", s=110,
+                   edgecolor="black", linewidth=0.6)
+    ax.set_xlabel("clean accuracy")
+    ax.set_ylabel(robust_col.replace("_acc", "") + " accuracy")
+    ax.set_title("Students: robustness vs accuracy (dots: seeds, X: mean)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_training_curves(run_dirs: Mapping[str, Path], path: Path) -> Path | None:
+    """Test clean and PGD accuracy per epoch for every student run (from each ``summary.csv``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames = {rid: pd.read_csv(d / "summary.csv") for rid, d in run_dirs.items() if (d / "summary.csv").is_file()}
+    if not frames:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110, sharex=True)
+    cmap = plt.get_cmap("tab10")
+    labels = sorted({rid.rsplit("-s", 1)[0] for rid in frames})
+    for rid, df in frames.items():
+        color = cmap(labels.index(rid.rsplit("-s", 1)[0]) % 10)
+        for ax, col in zip(axes, ("test_clean_acc", "test_pgd_acc")):
+            if col in df:
+                ax.plot(df["epoch"], df[col], color=color, alpha=0.8, marker="o", ms=3,
+                        label=rid.rsplit("-s", 1)[0] if rid.endswith("-s" + rid.rsplit("-s", 1)[1]) else rid)
+    for ax, title in zip(axes, ("test clean accuracy", "test PGD accuracy")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    handles, labs = axes[0].get_legend_handles_labels()
+    seen: dict[str, Any] = {}
+    for h, lab in zip(handles, labs):
+        seen.setdefault(lab, h)
+    axes[1].legend(seen.values(), seen.keys(), fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _compare(summary: pd.DataFrame, a: str, b: str, col: str) -> str | None:
+    """One plain sentence comparing label ``a`` with ``b`` on ``col`` (mean over seeds, spread)."""
+    if a not in set(summary["label"]) or b not in set(summary["label"]) or f"{col}_mean" not in summary:
+        return None
+    ra, rb = summary.set_index("label").loc[a], summary.set_index("label").loc[b]
+    ma, mb = ra[f"{col}_mean"], rb[f"{col}_mean"]
+    sa, sb = ra[f"{col}_std"], rb[f"{col}_std"]
+    diff = ma - mb
+    spread = max(x for x in (sa, sb, 0.0) if not math.isnan(x))
+    verdict = ("higher than" if diff > 0 else "lower than") if abs(diff) > spread else "within the seed spread of"
+    name = col.replace("_acc", "")
+    return (f"- {a} {name} accuracy {ma:.3f} is {verdict} {b} ({mb:.3f}; difference {diff:+.3f}, "
+            f"largest seed std {spread:.3f}).")
+
+
+def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], students: pd.DataFrame,
+                 command: Sequence[str]) -> Path:
+    """Write ``report.md`` (and the PNG/CSV files it shows) into ``out``."""
+    import shlex
+
+    matrix_dir = out / "matrix"
+    for name in ("transfer_matrix.csv", "models.csv", "transfer_heatmap.png", "transfer_long.csv"):
+        if (matrix_dir / name).is_file():
+            shutil.copyfile(matrix_dir / name, out / name)
+    if (out / "recommendation_low.png").is_file():
+        shutil.copyfile(out / "recommendation_low.png", out / "recommendation.png")
+    models = pd.read_csv(out / "models.csv") if (out / "models.csv").is_file() else None
+    summary = summarize_students(students)
+    summary.to_csv(out / "students_summary.csv", index=False)
+    robust_col = next((c for c in ("autoattack_acc", "pgd20_acc", "cw_acc", "fgsm_acc")
+                       if c in students.columns and students[c].notna().any()), "clean_acc")
+    plot_robustness_vs_accuracy(students, out / "robustness_vs_accuracy.png", robust_col)
+    curves = plot_training_curves({rid: out / "students" / rid for rid in students["id"]}, out / "training_curves.png")
+
+    lines = [f"# Study: {cfg['study']}", ""]
+    if cfg.get("description"):
+        lines += [str(cfg["description"]).strip(), ""]
+    lines += ["Reproduce with:", "", "```bash", shlex.join(command), "```", "",
+              f"Dataset `{cfg['dataset']}`, ε = {cfg['eps']} ({cfg['eps_value']:.4f}) for teacher training, the "
+              f"matrix, the students and the evaluation; training subset: {cfg['train_subset'] or 'all'} images "
+              f"(seeded, class-balanced); seed {cfg['seed']}.", ""]
+
+    # pool
+    lines += ["## Pool", ""]
+    pool_rows = []
+    acc = models.set_index("model") if models is not None else None
+    for spec in cfg["pool"]:
+        t = spec.get("train")
+        row = {"model": spec["name"], "arch": spec["arch"], "family": spec.get("family") or "-",
+               "training": f"{t['method']} x{t['epochs']} ep, eps {t['eps_value']:g}" if t else
+               (spec.get("training") or "given checkpoint")}
+        if acc is not None and spec["name"] in acc.index:
+            row["params"] = int(acc.loc[spec["name"], "params"])
+            row["clean_acc"] = float(acc.loc[spec["name"], "clean_acc"])
+            row["whitebox_robust_acc"] = float(acc.loc[spec["name"], "whitebox_robust_acc"])
+        pool_rows.append(row)
+    m = cfg["matrix"]
+    lines += [_table(pd.DataFrame(pool_rows)), "",
+              f"Clean and white-box robust accuracy ({m['attack']}, {m['steps']} steps) on the matrix's "
+              f"{m['n_samples']} test images.", ""]
+
+    # matrix
+    lines += ["## Transferability", "",
+              "`T[s, t]`: among images both models classify correctly and whose attack fools the source s, the "
+              "fraction that also fools the target t (diagonal: white-box success). Files: `transfer_matrix.csv`, "
+              "`transfer_long.csv` (with counts and 95% Wilson intervals).", "",
+              "![transferability heatmap](transfer_heatmap.png)", ""]
+
+    # recommendation
+    low, high = rec["low-transfer"], rec["high-transfer"]
+    lines += ["## Teacher sets", "",
+              f"k = {rec['k']}, pair score = {rec['pair']} of the two directions.", "",
+              "| set | teachers | max pair | mean pair | mean robust acc | how |", "|---|---|---|---|---|---|",
+              f"| low-transfer | {', '.join(low['sets'][0]['teachers'])} | {_fmt(low['sets'][0]['max_pair'])} | "
+              f"{_fmt(low['sets'][0]['mean_pair'])} | {_fmt(low['sets'][0]['mean_robust_acc'])} | "
+              f"{low['objective']}, exact: {low['exact']} |",
+              f"| high-transfer | {', '.join(high['sets'][0]['teachers'])} | {_fmt(high['sets'][0]['max_pair'])} | "
+              f"{_fmt(high['sets'][0]['mean_pair'])} | {_fmt(high['sets'][0]['mean_robust_acc'])} | "
+              f"{high['objective']} (highest first), exact: {high['exact']} |"]
+    for fam, r in rec["homogeneous"].items():
+        s = r["sets"][0]
+        lines.append(f"| homogeneous ({fam}) | {', '.join(s['teachers'])} | {_fmt(s['max_pair'])} | "
+                     f"{_fmt(s['mean_pair'])} | {_fmt(s['mean_robust_acc'])} | best within the family |")
+    lines.append(f"| single | {rec['single']['teacher']} | - | - | {_fmt(rec['single']['whitebox_robust_acc'])} | "
+                 "highest white-box robust accuracy |")
+    lines += ["", "![recommendation graph](recommendation.png)", ""]
+
+    # students
+    s = cfg["students"]
+    ev = cfg["evaluation"]
+    lines += ["## Students", "",
+              f"All students: `{' / '.join(s['archs'])}` {s['kwargs'] or ''}, {s['epochs']} epochs, the same data, batch size and "
+              f"LR; seeds {s['seeds']}. The reported model is the last epoch's (no selection on the test set). "
+              f"Evaluation on {ev['n_samples']} test images (seeded, class-balanced, the same for every student): "
+              f"{', '.join(ev['attacks'])}.", "", "Mean ± standard deviation over seeds:", ""]
+    table = []
+    for row in summary.itertuples():
+        r = {"student": row.label, "teachers": row.teachers or "-", "seeds": row.seeds}
+        for c in _ACC:
+            if f"{c}_mean" in summary.columns:
+                mean, std = getattr(row, f"{c}_mean"), getattr(row, f"{c}_std")
+                r[c.replace("_acc", "")] = f"{mean:.3f} ± {std:.3f}" if not math.isnan(std) else f"{mean:.3f}"
+        table.append(r)
+    lines += [_table(pd.DataFrame(table)), "", "Per seed: `students.csv`.", "",
+              f"![robustness vs accuracy](robustness_vs_accuracy.png)", ""]
+    if curves is not None:
+        lines += ["![training curves](training_curves.png)", ""]
+
+    # what the numbers show
+    lines += ["## What the numbers show", ""]
+    labels = list(summary["label"])
+    darht = [lab for lab in labels if lab.startswith("darht-")]
+    statements = []
+    for other in [lab for lab in darht if lab != "darht-low-transfer"] + \
+            [lab for lab in labels if not lab.startswith("darht-")]:
+        for col in (robust_col, "clean_acc"):
+            sentence = _compare(summary, "darht-low-transfer", other, col)
+            if sentence:
+                statements.append(sentence)
+    lines += statements or ["- (no DARHT low-transfer student in this study to compare)"]
+    if "darht-low-transfer" in labels and "darht-high-transfer" in labels:
+        ra = summary.set_index("label")
+        d = ra.loc["darht-low-transfer", f"{robust_col}_mean"] - ra.loc["darht-high-transfer", f"{robust_col}_mean"]
+        lines += ["", ("The paper's claim (a low-transfer teacher set gives a more robust student than a "
+                       "high-transfer one) " + ("holds here" if d > 0 else "does not hold here") +
+                       f" on {robust_col.replace('_acc', '')} accuracy (difference {d:+.3f}); see the seed spread "
+                       "above before reading much into it.")]
+    flagged = students[students.get("flags", pd.Series([""] * len(students))).fillna("") != ""] \
+        if "flags" in students else students.iloc[0:0]
+    if len(flagged):
+        lines += ["", "Gradient-masking flags raised by the evaluation:", ""]
+        for r in flagged.itertuples():
+            lines.append(f"- {r.label} seed {r.seed}: {r.flags}")
+    lines.append("")
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path

@@ -1,0 +1,330 @@
+"""Run a study config end to end, every stage cached, the whole run resumable.
+
+Layout of the run directory::
+
+    config.yaml  env.json  command.txt        resolved config, versions, the exact command
+    teachers/NAME.safetensors|.yaml|.run/     teachers trained here (pool entry beside each)
+    pool.yaml                                 the pool the later stages use
+    matrix/                                   darht matrix outputs (and its per-source cache)
+    recommendation.json  recommendation.png   low-/high-transfer, per-family and single sets
+    students/ID/                              one darht distill run directory per student and seed
+    students.csv  report.md  *.png            the comparison
+
+Each stage skips work whose outputs exist (teachers, students) or comes from its cache (matrix);
+an interrupted student resumes from its last epoch checkpoint. So ``--resume`` after a crash or a
+SIGTERM continues where the run stopped, and the result equals that of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.pipeline.config import describe_plan, load_study_config, student_runs
+from transfer_analysis.errors import UserError
+from transfer_analysis.utils import (
+    atomic_write_json,
+    atomic_write_text,
+    prepare_out_dir,
+    resolve_device,
+    write_env_json,
+    write_run_config,
+)
+
+__all__ = ["PipelineResult", "run_pipeline", "STUDENT_COLUMNS"]
+
+logger = logging.getLogger(__name__)
+
+STUDENT_COLUMNS = ["method", "teacher_set", "teachers", "seed", "clean_acc", "fgsm_acc", "pgd20_acc", "cw_acc",
+                   "autoattack_acc"]
+_ATTACK_COLUMNS = {"clean": "clean_acc", "fgsm": "fgsm_acc", "pgd20": "pgd20_acc", "cw": "cw_acc",
+                   "autoattack": "autoattack_acc"}
+
+
+@dataclass
+class PipelineResult:
+    """What :func:`run_pipeline` produced (paths in the run directory)."""
+
+    out: Path
+    config: dict[str, Any]
+    teacher_sets: dict[str, list[str]] = field(default_factory=dict)
+    students: list[dict[str, Any]] = field(default_factory=list)
+    report: Path | None = None
+
+
+def _status(stage: str, message: str) -> None:
+    logger.info("[%s] %s", stage, message)
+
+
+def _comparable(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a resolved config that define results (not where or how fast they run)."""
+    return {k: v for k, v in cfg.items() if k not in ("device", "data_root")}
+
+
+def _check_resume(out: Path, cfg: Mapping[str, Any]) -> None:
+    stored = out / "config.yaml"
+    if not stored.is_file():
+        return
+    old = yaml.safe_load(stored.read_text()) or {}
+    new = yaml.safe_load(yaml.safe_dump(_comparable(cfg), sort_keys=False))
+    old = _comparable(old)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        raise UserError(f"{out} was started with a different config (changed: {', '.join(changed)}); "
+                        "use a new --out, or --force to start over")
+
+
+# --------------------------------------------------------------------------------------------
+# stages
+# --------------------------------------------------------------------------------------------
+def _stage_pool(cfg: Mapping[str, Any], out: Path, train_ds: Any, device: str) -> Path:
+    from distill.teachers import train_teacher
+    from transfer_analysis.pool import PoolEntry
+
+    entries: list[dict[str, Any]] = []
+    for i, spec in enumerate(cfg["pool"]):
+        train = spec.get("train")
+        entry = {k: v for k, v in spec.items() if k != "train"}
+        if train is not None:
+            weights = out / "teachers" / f"{spec['name']}.safetensors"
+            written = weights.with_suffix(".yaml")
+            if weights.is_file() and written.is_file():
+                _status("pool", f"{spec['name']}: trained earlier ({weights})")
+            else:
+                _status("pool", f"{spec['name']}: training {spec['arch']} with {train['method']} for "
+                        f"{train['epochs']} epochs ({i + 1}/{len(cfg['pool'])})")
+                t0 = time.time()
+                train_teacher(
+                    spec["arch"], train_ds, weights, method=train["method"], model_kwargs=spec.get("kwargs") or {},
+                    epochs=train["epochs"], eps=train["eps_value"], batch_size=train["batch_size"] or cfg["batch_size"],
+                    lr=train["lr"], name=spec["name"], family=spec.get("family"),
+                    resume=(weights.parent / f"{spec['name']}.run").is_dir(),
+                    seed=cfg["seed"], device=device, final_eval_samples=min(1000, cfg["matrix"]["n_samples"]))
+                _status("pool", f"{spec['name']}: done in {time.time() - t0:.0f} s")
+            trained = yaml.safe_load(written.read_text())
+            trained = trained["models"][0] if isinstance(trained, Mapping) and "models" in trained else trained
+            entry.update({k: trained[k] for k in ("checkpoint", "mean", "std", "input_size") if trained.get(k)})
+            entry["checkpoint"] = str(Path(entry["checkpoint"]).resolve()) if not Path(
+                entry["checkpoint"]).is_absolute() and (written.parent / entry["checkpoint"]).exists() is False \
+                else str((written.parent / Path(entry["checkpoint"]).name).resolve())
+            entry["training"] = f"{train['method']} x{train['epochs']} (eps {train['eps_value']:g})"
+        PoolEntry(**entry)  # same schema as any pool file
+        entries.append(entry)
+    pool_path = out / "pool.yaml"
+    atomic_write_text(pool_path, yaml.safe_dump({"models": entries}, sort_keys=False))
+    return pool_path
+
+
+def _stage_matrix(cfg: Mapping[str, Any], out: Path, pool_path: Path, ds: Any, device: str) -> Path:
+    from transfer_analysis.attacks import AttackConfig
+    from transfer_analysis.matrix import run_matrix
+
+    m = cfg["matrix"]
+    attack = AttackConfig(name=m["attack"], eps=cfg["eps_value"], steps=m["steps"],
+                          step_size=None if m["step_size"] is None else float(eval_fraction(m["step_size"])))
+    _status("matrix", f"{m['attack']} on {m['n_samples']} test images, {len(cfg['pool'])} models")
+    result = run_matrix(pool_path, ds, out / "matrix", n_samples=m["n_samples"], attack=attack,
+                        batch_size=m["batch_size"], seed=cfg["seed"], device=device)
+    _status("matrix", f"done (attacks run: {result.stats['attacks_run']}, from cache: "
+            f"{result.stats['sources_from_cache']})")
+    return out / "matrix"
+
+
+def eval_fraction(value: Any) -> float:
+    from transfer_analysis.utils import parse_eps
+
+    return parse_eps(value, "step_size")
+
+
+def _stage_recommend(cfg: Mapping[str, Any], out: Path, matrix_dir: Path) -> dict[str, Any]:
+    from transfer_analysis.selection import (read_matrix, select_teachers, select_teachers_by_family,
+                                             transfer_graph, write_recommendation)
+
+    r = cfg["recommend"]
+    matrix, models = read_matrix(matrix_dir)
+    k = r["k"]
+    low = select_teachers(matrix, k, objective=r["objective"], pair=r["pair"], top=5, models=models)
+    # the opposite ranking: by default the sets whose pairs transfer most on average (minimax with
+    # worst=True would maximize the single largest pair, so any set holding that pair would do)
+    high = select_teachers(matrix, k, objective=r["high_objective"], pair=r["pair"], top=5, worst=True, models=models)
+    try:  # families with k models; only a run with teacher_set homogeneous requires one
+        by_family = select_teachers_by_family(matrix, k, objective=r["objective"], pair=r["pair"], models=models)
+    except UserError as err:
+        logger.info("no homogeneous set: %s", err)
+        by_family = {}
+    robust = models.set_index("model")["whitebox_robust_acc"] if models is not None else None
+    if robust is None or robust.isna().all():
+        raise UserError(f"{matrix_dir}/models.csv has no white-box robust accuracy; cannot pick the best single teacher")
+    single = str(robust.astype(float).idxmax())
+    graph = transfer_graph(matrix, models, pair=r["pair"])
+    write_recommendation(low, out / "recommendation_low.json", graph=graph)
+    summary = {
+        "k": k, "objective": r["objective"], "pair": r["pair"],
+        "low-transfer": low.to_dict(), "high-transfer": high.to_dict(),
+        "homogeneous": {fam: rec.to_dict() for fam, rec in by_family.items()},
+        "single": {"teacher": single, "whitebox_robust_acc": float(robust[single])},
+    }
+    atomic_write_json(out / "recommendation.json", summary)
+    _status("recommend", f"low-transfer {low.best.teachers} (max pair {low.best.max_pair:.3f}); "
+            f"high-transfer {high.best.teachers} (max pair {high.best.max_pair:.3f}); single {single}")
+    return summary
+
+
+def _teachers_for(run: Mapping[str, Any], rec: Mapping[str, Any]) -> list[str]:
+    tset = run["teacher_set"]
+    if tset == "none":
+        return []
+    if tset == "custom":
+        return list(run["teachers"])
+    if tset == "single":
+        return [rec["single"]["teacher"]]
+    if tset == "homogeneous":
+        fam = run["family"]
+        if fam not in rec["homogeneous"]:
+            raise UserError(f"no set of k = {rec['k']} teachers within family {fam!r} (see recommendation.json)")
+        return list(rec["homogeneous"][fam]["sets"][0]["teachers"])
+    return list(rec[tset]["sets"][0]["teachers"])
+
+
+def _stage_students(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Mapping[str, Any], train_ds: Any,
+                    device: str) -> list[dict[str, Any]]:
+    from distill.trainer import train
+    from transfer_analysis.pool import load_pool
+
+    s, ev = cfg["students"], cfg["evaluation"]
+    runs = student_runs(cfg)
+    pool = None
+    rows = []
+    for i, run in enumerate(runs):
+        teachers = _teachers_for(run, rec)
+        run_dir = out / "students" / run["id"]
+        metrics_path = run_dir / "metrics.json"
+        if not metrics_path.is_file():
+            if teachers and pool is None:
+                pool = load_pool(pool_path, train_ds.num_classes, train_ds.in_chans, train_ds.image_size)
+            _status("students", f"{run['id']} ({i + 1}/{len(runs)}): {run['method']} from "
+                    f"{', '.join(teachers) or 'no teacher'}")
+            config = {
+                "method": run["method"], "student": run["arch"], "student_kwargs": s["kwargs"],
+                "method_kwargs": {**s["method_kwargs"].get(run["method"], {}), **run["kwargs"]},
+                "dataset": cfg["dataset"], "data_root": cfg["data_root"], "pool": str(pool_path),
+                "teachers": teachers, "epochs": s["epochs"], "batch_size": cfg["batch_size"], "lr": s["lr"],
+                "eps": cfg["eps_value"], "eval_samples": s["eval_samples"], "final_attacks": ev["attacks"],
+                "final_eval_samples": ev["n_samples"], "eval_seed": cfg["seed"], "seed": run["seed"],
+                "device": device,
+            }
+            train(config, run_dir, resume=(run_dir / "config.yaml").is_file(), dataset=train_ds,
+                  teachers={n: pool[n] for n in teachers} if teachers else None)
+        else:
+            _status("students", f"{run['id']}: finished earlier")
+        import json
+
+        metrics = json.loads(metrics_path.read_text())
+        row = {"method": run["method"], "teacher_set": run["teacher_set"], "teachers": "+".join(teachers),
+               "seed": run["seed"], "label": run["label"], "student": run["arch"], "id": run["id"]}
+        for attack, column in _ATTACK_COLUMNS.items():
+            row[column] = metrics["accuracy"].get(attack)
+        row["worst_case_acc"] = metrics.get("worst_case")
+        row["flags"] = "; ".join(metrics.get("flags", []))
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None = None, *, resume: bool = False,
+                 force: bool = False, device: str = "auto", dry_run: bool = False,
+                 command: Sequence[str] | None = None) -> PipelineResult:
+    """Run (or, with ``dry_run``, validate and plan) the study of a config file.
+
+    Args:
+        config_path: a study config (see :mod:`distill.pipeline.config`).
+        out: the run directory (default ``runs/<study>``).
+        resume: continue a run in ``out`` (its config must be the same).
+        force: replace a run in ``out``.
+        device: ``auto``, ``cpu``, ``cuda[:i]``.
+        dry_run: validate the config, check the dataset and every architecture, log the plan,
+            write nothing.
+        command: the command line to record in the report (default: ``sys.argv``).
+    """
+    import pandas as pd
+
+    from distill.pipeline.report import write_report
+    from transfer_analysis.data import load_dataset
+
+    cfg = load_study_config(config_path)
+    out = Path(out) if out is not None else Path("runs") / str(cfg["study"])
+    plan = describe_plan(cfg)
+    if dry_run:
+        _dry_run_checks(cfg)
+        return PipelineResult(out=out, config=cfg)
+    dev = resolve_device(device)
+    ds = load_dataset(cfg["dataset"], cfg["data_root"])  # before anything is written: a bad dataset leaves no dir
+    if (out / "config.yaml").is_file() and resume and not force:
+        _check_resume(out, cfg)
+    prepare_out_dir(out, resume=resume, force=force)
+    write_run_config(out, _comparable(cfg))
+    write_env_json(out, dev)
+    argv = list(command) if command is not None else ["darht", *sys.argv[1:]]
+    atomic_write_text(out / "command.txt", shlex.join(argv) + "\n")
+    for line in plan:
+        logger.info("plan: %s", line)
+
+    train_ds = ds.with_train_subset(cfg["train_subset"], cfg["seed"])
+    pool_path = _stage_pool(cfg, out, train_ds, str(dev))
+    matrix_dir = _stage_matrix(cfg, out, pool_path, ds, str(dev))
+    rec = _stage_recommend(cfg, out, matrix_dir)
+    rows = _stage_students(cfg, out, pool_path, rec, train_ds, str(dev))
+    students = pd.DataFrame(rows)
+    students[STUDENT_COLUMNS].to_csv(out / "students.csv.tmp", index=False)
+    os.replace(out / "students.csv.tmp", out / "students.csv")
+    students.to_csv(out / "students_detail.csv", index=False)
+    report = write_report(out, cfg, rec, students, argv)
+    _status("report", f"wrote {report}")
+    sets = {"low-transfer": _teachers_for({"teacher_set": "low-transfer"}, rec),
+            "high-transfer": _teachers_for({"teacher_set": "high-transfer"}, rec),
+            "single": _teachers_for({"teacher_set": "single"}, rec)}
+    return PipelineResult(out=out, config=cfg, teacher_sets=sets, students=rows, report=report)
+
+
+def _dry_run_checks(cfg: Mapping[str, Any]) -> None:
+    """Check, without data or training, that every model builds at the dataset's shape and that every
+    method and attack exists (a dry run loads no dataset, so it works offline)."""
+    import torch
+
+    from distill.evaluation import parse_attacks
+    from distill.methods import list_methods
+    from distill.student import build_student
+    from transfer_analysis.data import dataset_shape
+    from transfer_analysis.pool import PoolEntry, build_pool_model
+
+    in_chans, size, classes = dataset_shape(cfg["dataset"])
+    for spec in cfg["pool"]:
+        entry = PoolEntry(**{k: v for k, v in spec.items() if k != "train"})
+        if entry.checkpoint and not Path(entry.checkpoint).is_file():
+            raise UserError(f"pool model {entry.name!r}: checkpoint not found: {entry.checkpoint}")
+        entry.checkpoint = None  # shapes only: the weights are checked when the run loads them
+        entry.pretrained = False
+        with torch.random.fork_rng(devices=[]):
+            build_pool_model(entry, classes, in_chans, size)
+    n_teachers = max((cfg["recommend"]["k"] if r["teacher_set"] != "single" else 1) for r in cfg["students"]["runs"])
+    for arch in cfg["students"]["archs"]:
+        with torch.random.fork_rng(devices=[]):
+            student = build_student(arch, classes, n_teachers, in_chans=in_chans, image_size=size,
+                                    **cfg["students"]["kwargs"])
+            student.eval()(torch.rand(1, in_chans, size, size))
+    methods = set(list_methods())
+    for run in cfg["students"]["runs"]:
+        if run["method"] not in methods:
+            raise UserError(f"students.runs: method {run['method']!r} is not registered ({', '.join(sorted(methods))})")
+    parse_attacks(cfg["evaluation"]["attacks"])

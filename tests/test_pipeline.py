@@ -1,0 +1,146 @@
+"""`darht pipeline`: config validation, dry runs of the shipped configs, a tiny end-to-end study."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from distill.cli import main
+from distill.pipeline import load_study_config, validate_study_config
+from distill.pipeline.config import student_runs
+from transfer_analysis.errors import UserError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+
+TINY = {
+    "study": "tiny",
+    "dataset": "synthetic:num_classes=4,in_chans=1,image_size=8,n_train=128,n_test=48",
+    "seed": 0,
+    "eps": 0.1,
+    "batch_size": 32,
+    "pool": [
+        {"name": "cnn_a", "arch": "resnet18_cifar", "kwargs": {"width": 4}, "family": "cnn",
+         "train": {"method": "standard", "epochs": 1, "lr": 0.05}},
+        {"name": "cnn_b", "arch": "resnet18_cifar", "kwargs": {"width": 4}, "family": "cnn",
+         "train": {"method": "fast-at", "epochs": 1, "lr": 0.05}},
+        {"name": "mlp", "arch": "mixer_cifar", "kwargs": {"patch_size": 4, "embed_dim": 8, "num_blocks": 1},
+         "family": "mlp", "train": {"method": "standard", "epochs": 1, "lr": 0.05}},
+    ],
+    "matrix": {"n_samples": 24, "steps": 2, "batch_size": 24},
+    "recommend": {"k": 2},
+    "students": {"arch": "resnet18_cifar", "kwargs": {"width": 4}, "epochs": 1, "lr": 0.05, "seeds": [0],
+                 "eval_samples": 8, "method_kwargs": {"darht": {"steps": 1}, "pgd-at": {"steps": 1}},
+                 "runs": [{"method": "darht", "teacher_set": "low-transfer"},
+                          {"method": "darht", "teacher_set": "homogeneous", "family": "cnn"},
+                          {"method": "pgd-at", "teacher_set": "none"}]},
+    "evaluation": {"n_samples": 16, "attacks": ["clean", "fgsm", "pgd20"], "batch_size": 16},
+}
+
+
+def _with(**changes):
+    cfg = copy.deepcopy(TINY)
+    for dotted, value in changes.items():
+        target = cfg
+        *path, last = dotted.split("__")
+        for key in path:
+            target = target[key]
+        target[last] = value
+    return cfg
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"dataset": None}, "'dataset' is required"),
+    ({"eps": "-1"}, "eps"),
+    ({"matrx": {}}, "did you mean 'matrix'"),
+    ({"recommend__k": 4}, "between 2 and the pool size \\(3\\)"),
+    ({"recommend__objective": "max"}, "minimax or mean"),
+    ({"students__runs": [{"method": "darht", "teacher_set": "everything"}]}, "teacher_set must be one of"),
+    ({"students__runs": [{"method": "dahrt", "teacher_set": "low-transfer"}]}, "did you mean 'darht'"),
+    ({"students__runs": [{"method": "pgd-at", "teacher_set": "single"}]}, "takes no teachers"),
+    ({"students__runs": [{"method": "ard", "teacher_set": "low-transfer"}]}, "one teacher"),
+    ({"students__runs": [{"method": "darht", "teacher_set": "homogeneous", "family": "mlp"}]},
+     "family 'mlp' has 1 pool model"),
+    ({"students__runs": [{"method": "darht", "teacher_set": "custom", "teachers": ["zz"]}]}, "not in the pool"),
+    ({"students__seeds": []}, "seeds"),
+    ({"pool": [{"name": "a", "arch": "resnet18_cifar"}, {"name": "b", "arch": "resnet18_cifar"}]}, "needs 'train:'"),
+    ({"pool": [{"name": "a", "arch": "resnet18_cifar", "train": {"method": "ard", "epochs": 1}},
+               {"name": "b", "arch": "resnet18_cifar", "train": {"epochs": 1}}]}, "train.method"),
+])
+def test_config_errors_name_the_key(changes, match):
+    with pytest.raises(UserError, match=match):
+        validate_study_config(_with(**changes))
+
+
+def test_runs_expand_over_architectures_and_seeds():
+    cfg = validate_study_config(_with(students__arch=["resnet18_cifar", "mixer_cifar"], students__seeds=[0, 1]))
+    ids = [r["id"] for r in student_runs(cfg)]
+    assert len(ids) == 3 * 2 * 2 and len(set(ids)) == len(ids)
+    assert ids[:4] == ["darht-low-transfer-resnet18_cifar-s0", "darht-low-transfer-resnet18_cifar-s1",
+                       "darht-low-transfer-mixer_cifar-s0", "darht-low-transfer-mixer_cifar-s1"]
+
+
+@pytest.mark.parametrize("name", ["quickstart", "fashion-mnist", "cifar10", "cifar100", "tiny-imagenet"])
+def test_shipped_configs_dry_run(name, capsys):
+    assert main(["pipeline", "--config", str(CONFIGS / f"{name}.yaml"), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert plan.startswith(f"study {name}:") and "5. evaluation:" in plan
+
+
+def test_paper_configs_follow_the_protocol():
+    for name in ("cifar10", "cifar100", "tiny-imagenet"):
+        cfg = load_study_config(CONFIGS / f"{name}.yaml")
+        assert cfg["eps_value"] == pytest.approx(8 / 255) and cfg["evaluation"]["n_samples"] >= 10000
+        assert set(cfg["students"]["archs"]) == {"resnet18_cifar", "mobilenetv2_cifar"}
+        assert {p["family"] for p in cfg["pool"]} >= {"cnn", "transformer", "mlp"}
+        assert all(p["train"]["method"] == "pgd-at" for p in cfg["pool"])
+        assert cfg["students"]["epochs"] == 200 and "autoattack" in cfg["evaluation"]["attacks"]
+
+
+@pytest.mark.slow
+def test_tiny_study_end_to_end_and_resume(tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY, sort_keys=False))
+    out = tmp_path / "run"
+    assert main(["pipeline", "--config", str(config), "--out", str(out), "--device", "cpu"]) == 0
+    for name in ("report.md", "students.csv", "recommendation.json", "recommendation.png", "transfer_matrix.csv",
+                 "models.csv", "transfer_heatmap.png", "robustness_vs_accuracy.png", "training_curves.png",
+                 "pool.yaml", "command.txt", "config.yaml", "env.json"):
+        assert (out / name).is_file(), name
+    students = pd.read_csv(out / "students.csv")
+    assert list(students.columns) == ["method", "teacher_set", "teachers", "seed", "clean_acc", "fgsm_acc",
+                                      "pgd20_acc", "cw_acc", "autoattack_acc"]
+    assert list(students["teacher_set"]) == ["low-transfer", "homogeneous", "none"]
+    assert students.loc[1, "teachers"] == "cnn_a+cnn_b" and pd.isna(students.loc[2, "teachers"])
+    assert students["clean_acc"].between(0, 1).all() and students["cw_acc"].isna().all()
+    rec = json.loads((out / "recommendation.json").read_text())
+    low = rec["low-transfer"]["sets"][0]["teachers"]
+    assert students.loc[0, "teachers"] == "+".join(low)
+    assert rec["single"]["teacher"] in {"cnn_a", "cnn_b", "mlp"}
+    report = (out / "report.md").read_text()
+    for section in ("## Pool", "## Transferability", "## Teacher sets", "## Students", "## What the numbers show",
+                    "![transferability heatmap](transfer_heatmap.png)", "darht pipeline --config"):
+        assert section in report, section
+    metrics = json.loads((out / "students" / "pgd-at-none-s0" / "metrics.json").read_text())
+    assert students.loc[2, "pgd20_acc"] == pytest.approx(metrics["accuracy"]["pgd20"])
+    # every student was evaluated on the same images
+    idx = [json.loads(p.read_text())["indices"] for p in sorted(out.glob("students/*/final_eval_indices.json"))]
+    assert len(idx) == 3 and idx[0] == idx[1] == idx[2]
+
+    # a second run into the same directory is refused; --resume reuses every stage
+    capsys.readouterr()
+    assert main(["pipeline", "--config", str(config), "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    before = {p: p.stat().st_mtime_ns for p in out.glob("students/*/student.safetensors")}
+    assert main(["pipeline", "--config", str(config), "--out", str(out), "--resume", "--device", "cpu"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("students/*/student.safetensors")} == before
+    assert pd.read_csv(out / "students.csv").equals(students)
+    # a changed config cannot resume into the old run
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(_with(eps=0.2), sort_keys=False))
+    assert main(["pipeline", "--config", str(changed), "--out", str(out), "--resume"]) == 2
+    assert "changed: eps" in capsys.readouterr().err
