@@ -11,7 +11,26 @@ from typing import Any
 __version__ = "0.1.0"
 
 # public name -> submodule that defines it (filled in as the distillation modules land)
-_EXPORTS: dict[str, str] = {}
+_EXPORTS: dict[str, str] = {
+    "build_student": "student",
+    "load_student": "student",
+    "save_student": "student",
+    "Student": "student",
+    "StudentTeacherFeatureMap": "student",
+    "darht_loss": "losses",
+    "create_method": "methods",
+    "list_methods": "methods",
+    "register_method": "methods",
+    "Method": "methods",
+    "FrozenTeachers": "methods",
+    "train": "trainer",
+    "TrainConfig": "trainer",
+    "TrainResult": "trainer",
+    "train_teacher": "teachers",
+    "evaluate_robustness": "evaluation",
+    "robust_accuracy": "evaluation",
+    "accuracy": "evaluation",
+}
 
 __all__ = sorted(_EXPORTS)
 
