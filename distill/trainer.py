@@ -1,7 +1,7 @@
 """The trainer: one loop for every method (DARHT, its baselines, teacher training).
 
 ``train(config, out)`` builds the student, loads and freezes the teachers, and runs the epochs:
-SGD with momentum and weight decay, a step (milestones as fractions of training), cosine,
+SGD with momentum and weight decay (or AdamW), a step (milestones as fractions of training), cosine,
 cyclic or constant LR schedule stepped per iteration, the dataset's training augmentation, bf16
 autocast on CUDA (attack gradients stay fp32: ``pgd_attack`` turns autocast off), optional
 channels_last and ``torch.compile``. Each method's ``step`` returns named loss parts; all of them
@@ -100,6 +100,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LR_SCHEDULES: tuple[str, ...] = ("step", "cosine", "cyclic", "constant")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 DEFAULT_FINAL_ATTACKS: tuple[str, ...] = ("clean", "fgsm", "pgd20", "cw", "autoattack")
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "darht-train-1"
@@ -137,6 +138,7 @@ class TrainConfig:
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
+    optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float | None = None
     nesterov: bool = False
@@ -281,6 +283,9 @@ def resolve_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
     data["gamma"] = _as_float(data.get("gamma", 0.1), "gamma", 0.0, strict=True)
     data["warmup_epochs"] = _as_float(data.get("warmup_epochs", 0.0), "warmup_epochs")
     data["eps"] = parse_eps(data.get("eps", 8 / 255), "eps")
+    data["optimizer"] = str(data.get("optimizer", "sgd")).lower()
+    if data["optimizer"] not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {data['optimizer']!r}; choose one of {', '.join(OPTIMIZERS)}")
     if data["lr_schedule"] not in LR_SCHEDULES:
         raise UserError(f"unknown lr_schedule {data['lr_schedule']!r}; choose one of {', '.join(LR_SCHEDULES)}")
     milestones = [_as_float(m, "milestones") for m in _as_list(data["milestones"], "milestones")]
@@ -548,8 +553,12 @@ def train(config: TrainConfig | Mapping[str, Any], out: str | os.PathLike, *, re
     write_env_json(run_dir, device)
 
     iters = len(data.y_train) // cfg.batch_size
-    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    if cfg.optimizer == "adamw":  # what timm trains ViTs and MLP-Mixers with; SGD leaves small ones near chance
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr,
+                                                             weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, iters, cfg))
     generator = torch.Generator().manual_seed(cfg.seed)
     history: list[dict[str, float]] = []

@@ -12,14 +12,6 @@ from transfer_analysis.attacks import (AttackConfig, build_attack, canonical_att
 from transfer_analysis.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def model() -> nn.Module:
     torch.manual_seed(0)

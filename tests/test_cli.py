@@ -44,7 +44,7 @@ def test_user_error_becomes_one_line_exit_2(monkeypatch, capsys):
     import distill.cli.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "run", boom)
-    assert main(["pipeline"]) == 2
+    assert main(["pipeline", "--config", "study.yaml"]) == 2
     err = capsys.readouterr().err
     assert err == "darht pipeline: error: something the user can fix; use --this instead\n"
     assert common.parse_json_kwargs('{"a": 1}', "--x") == {"a": 1}

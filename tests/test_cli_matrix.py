@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 from distill.cli import main
@@ -17,14 +16,6 @@ from transfer_analysis import balanced_subset, load_dataset
 DATASET = "synthetic:num_classes=4,in_chans=1,image_size=12,n_train=512,n_test=128"
 FAST = ["--dataset", DATASET, "--n-samples", "24", "--eps", "0.1", "--steps", "2", "--batch-size", "16",
         "--device", "cpu", "--log-level", "WARNING"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -32,15 +32,6 @@ BATCH = 12  # 32 images -> batches of 12, 12, 8
 ATTACK = AttackConfig("pgd", eps=EPS, steps=STEPS)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and OpenMP spinning is slow on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def centroids(tiny_data) -> torch.Tensor:
     x, y = tiny_data.images("train"), tiny_data.labels("train")

@@ -17,14 +17,6 @@ from transfer_analysis.pool import PixelSpaceModel, create_timm_model
 ALL = ["ard", "darht", "fast-at", "kd", "mtard", "pgd-at", "rslad", "standard", "trades"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _teacher(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return PixelSpaceModel(create_timm_model("resnet18_cifar", num_classes=4, in_chans=1, width=4), mean=[0.5],

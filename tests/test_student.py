@@ -12,15 +12,6 @@ from distill.student import Student, StudentTeacherFeatureMap, build_student, lo
 from transfer_analysis.errors import UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest (and steadiest on a shared machine) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_feature_map_shapes_and_composition() -> None:
     torch.manual_seed(0)
     s = build_student("resnet18_cifar", num_classes=4, num_teachers=3, in_chans=1, image_size=12, **TINY_CNN["kwargs"])

@@ -21,14 +21,6 @@ from transfer_analysis.pool import PixelSpaceModel, create_timm_model
 from transfer_analysis.utils import safe_torch_load
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data():
     """96 training images of 1x8x8 (3 batches of 32) with augmentation on, so its RNG is exercised."""
@@ -202,3 +194,16 @@ def test_eval_seed_fixes_the_evaluation_images_across_training_seeds(data, tmp_p
     assert per_epoch[0] == per_epoch[1] and final[0] == final[1] and len(final[0]) == 12
     assert not torch.equal(runs[0].student.state_dict()["backbone.model.head.weight"],
                            runs[1].student.state_dict()["backbone.model.head.weight"])
+
+
+def test_adamw_optimizer_trains_resumes_and_unknown_is_refused(data, tmp_path: Path) -> None:
+    cfg = _config(method="standard", method_kwargs={}, epochs=2, optimizer="adamw", lr=1e-3, weight_decay=0.05)
+    full = train(cfg, tmp_path / "full", dataset=data)
+    train(cfg, tmp_path / "cut", dataset=data, stop_after_epochs=1)
+    resumed = train(cfg, tmp_path / "cut", dataset=data, resume=True)
+    for key, value in full.student.state_dict().items():
+        assert torch.equal(value, resumed.student.state_dict()[key]), key
+    state = safe_torch_load(tmp_path / "full" / "checkpoint.pt")["optimizer"]["state"]
+    assert all("exp_avg_sq" in s for s in state.values())  # Adam moments, not SGD momentum
+    with pytest.raises(UserError, match="unknown optimizer 'adam'; choose one of sgd, adamw"):
+        resolve_config(_config(optimizer="adam"))

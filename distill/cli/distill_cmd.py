@@ -21,7 +21,7 @@ from distill.cli import common
 HELP = "Distill a robust student (DARHT or a baseline) from a teacher set"
 
 # flag dest -> TrainConfig key, for the flags that map one to one (None = not given)
-_DIRECT = ("method", "student", "dataset", "data_root", "pool", "epochs", "batch_size", "lr", "momentum",
+_DIRECT = ("method", "student", "dataset", "data_root", "pool", "epochs", "batch_size", "lr", "optimizer", "momentum",
            "weight_decay", "lr_schedule", "eps", "eval_samples", "eval_pgd_steps", "eval_batch_size",
            "final_eval_samples", "amp", "channels_last", "compile", "seed", "device")
 
@@ -52,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--momentum", type=float, default=None)
     t.add_argument("--weight-decay", type=float, default=None)
     t.add_argument("--lr-schedule", default=None, choices=["step", "cosine", "cyclic", "constant"])
+    t.add_argument("--optimizer", default=None, choices=["sgd", "adamw"], help="default sgd")
     t.add_argument("--milestones", default=None, metavar="F,F,...",
                    help="LR x gamma at these fractions of training, e.g. 0.5,0.75")
     t.add_argument("--eps", default=None, help="L-inf radius, a number or a fraction (default 8/255)")

@@ -32,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eps", default="8/255", help="L-inf radius of the inner attack and evaluation (default 8/255)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default 128)")
     p.add_argument("--lr", type=float, default=None, help="initial (peak, for cyclic) learning rate")
-    p.add_argument("--weight-decay", type=float, default=None, help="SGD weight decay")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
+                   help="sgd (default) or adamw (small ViTs and MLP-Mixers train poorly with SGD)")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay")
     p.add_argument("--lr-schedule", default=None, choices=["step", "cosine", "cyclic", "constant"],
                    help="LR schedule (default: step; cyclic for fast-at)")
     p.add_argument("--eval-samples", type=int, default=500,
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         family=args.family, final_attacks=args.final_attacks.split(","),
         final_eval_samples=args.final_eval_samples, resume=args.resume, force=args.force,
         data_root=args.data_root, download=not args.no_download, weight_decay=args.weight_decay,
-        lr_schedule=args.lr_schedule, eval_samples=args.eval_samples, amp=args.amp,
+        lr_schedule=args.lr_schedule, optimizer=args.optimizer, eval_samples=args.eval_samples, amp=args.amp,
         channels_last=args.channels_last, compile=args.compile, seed=args.seed, device=args.device,
     )
     import logging

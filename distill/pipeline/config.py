@@ -124,7 +124,8 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
             raise UserError(f"{source}: pool model #{i + 1} must be a mapping")
         train = entry.get("train")
         if train is not None:
-            train = _merge(cfg["teacher_training"] | {"eps": None, "batch_size": None},
+            train = _merge(cfg["teacher_training"] | {"eps": None, "batch_size": None, "optimizer": "sgd",
+                                                      "weight_decay": None},
                            train, f"{source}: pool model {entry.get('name')!r} train")
         stripped.append({k: v for k, v in entry.items() if k != "train"})
         trains[str(entry.get("name"))] = train

@@ -99,13 +99,13 @@ def plot_training_curves(run_dirs: Mapping[str, Path], path: Path) -> Path | Non
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110, sharex=True)
     cmap = plt.get_cmap("tab10")
-    labels = sorted({rid.rsplit("-s", 1)[0] for rid in frames})
+    labels = sorted({rid.rsplit("-s", 1)[0] for rid in frames})  # run ids are LABEL-sSEED: one colour per label
     for rid, df in frames.items():
-        color = cmap(labels.index(rid.rsplit("-s", 1)[0]) % 10)
+        label = rid.rsplit("-s", 1)[0]
         for ax, col in zip(axes, ("test_clean_acc", "test_pgd_acc")):
             if col in df:
-                ax.plot(df["epoch"], df[col], color=color, alpha=0.8, marker="o", ms=3,
-                        label=rid.rsplit("-s", 1)[0] if rid.endswith("-s" + rid.rsplit("-s", 1)[1]) else rid)
+                ax.plot(df["epoch"], df[col], color=cmap(labels.index(label) % 10), alpha=0.8, marker="o", ms=3,
+                        label=label)
     for ax, title in zip(axes, ("test clean accuracy", "test PGD accuracy")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
@@ -225,22 +225,37 @@ def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stud
                 r[c.replace("_acc", "")] = f"{mean:.3f} ± {std:.3f}" if not math.isnan(std) else f"{mean:.3f}"
         table.append(r)
     lines += [_table(pd.DataFrame(table)), "", "Per seed: `students.csv`.", "",
-              f"![robustness vs accuracy](robustness_vs_accuracy.png)", ""]
+              "![robustness vs accuracy](robustness_vs_accuracy.png)", ""]
     if curves is not None:
         lines += ["![training curves](training_curves.png)", ""]
 
     # what the numbers show
     lines += ["## What the numbers show", ""]
     labels = list(summary["label"])
-    darht = [lab for lab in labels if lab.startswith("darht-")]
     statements = []
-    for other in [lab for lab in darht if lab != "darht-low-transfer"] + \
-            [lab for lab in labels if not lab.startswith("darht-")]:
-        for col in (robust_col, "clean_acc"):
-            sentence = _compare(summary, "darht-low-transfer", other, col)
-            if sentence:
-                statements.append(sentence)
-    lines += statements or ["- (no DARHT low-transfer student in this study to compare)"]
+    ls, hs = low["sets"][0], high["sets"][0]
+    statements.append(f"- The low-transfer set ({', '.join(ls['teachers'])}) has worst pair score {ls['max_pair']:.3f} "
+                      f"against {hs['max_pair']:.3f} for the high-transfer set ({', '.join(hs['teachers'])}).")
+    if acc is not None:
+        weak = [f"{n} ({acc.loc[n, 'clean_acc']:.2f})" for n in acc.index
+                if float(acc.loc[n, "clean_acc"]) < 0.5]
+        if weak:
+            statements.append("- Weak pool models (clean accuracy below 0.5): " + ", ".join(weak) + ". Transfer rates "
+                              "to and from them rest on few images (see `n` in `transfer_long.csv`), and a set that "
+                              "contains them may be low-transfer because they are weak, not because they are diverse.")
+    anchor = "darht-low-transfer" if "darht-low-transfer" in labels else None
+    others = [lab for lab in labels if lab != anchor]
+    if anchor and others:
+        for other in [lab for lab in others if lab.startswith("darht-")] + \
+                [lab for lab in others if not lab.startswith("darht-")]:
+            for col in (robust_col, "clean_acc"):
+                sentence = _compare(summary, anchor, other, col)
+                if sentence:
+                    statements.append(sentence)
+    else:
+        statements.append(f"- One kind of student only ({', '.join(labels)}): nothing to compare it with here; "
+                          "the study configs add the high-transfer, homogeneous and single-teacher baselines.")
+    lines += statements
     if "darht-low-transfer" in labels and "darht-high-transfer" in labels:
         ra = summary.set_index("label")
         d = ra.loc["darht-low-transfer", f"{robust_col}_mean"] - ra.loc["darht-high-transfer", f"{robust_col}_mean"]

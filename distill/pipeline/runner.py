@@ -106,7 +106,8 @@ def _stage_pool(cfg: Mapping[str, Any], out: Path, train_ds: Any, device: str) -
                 train_teacher(
                     spec["arch"], train_ds, weights, method=train["method"], model_kwargs=spec.get("kwargs") or {},
                     epochs=train["epochs"], eps=train["eps_value"], batch_size=train["batch_size"] or cfg["batch_size"],
-                    lr=train["lr"], name=spec["name"], family=spec.get("family"),
+                    lr=train["lr"], optimizer=train["optimizer"], weight_decay=train["weight_decay"],
+                    name=spec["name"], family=spec.get("family"),
                     resume=(weights.parent / f"{spec['name']}.run").is_dir(),
                     seed=cfg["seed"], device=device, final_eval_samples=min(1000, cfg["matrix"]["n_samples"]))
                 _status("pool", f"{spec['name']}: done in {time.time() - t0:.0f} s")
