@@ -165,7 +165,7 @@ def test_darht_teachers_see_the_batch_the_student_trains_on(batch, p_adv: float,
     spy = _Spy(_teacher(0))
     method = create_method("darht", eps=0.05, steps=2, p_adv=p_adv)
     method.bind({"spy": spy})
-    method.on_epoch_start(0, 4, 0.1, 0.1)  # CE phase: teachers still run, for logging
+    method.on_epoch_start(1, 4, 0.1, 0.1)  # epochs 1 of 0-3: the CE+KD phase
     student = _student("darht", 1)
     trained_on: list[torch.Tensor] = []
     original = type(student).forward_with_map
@@ -181,7 +181,19 @@ def test_darht_teachers_see_the_batch_the_student_trains_on(batch, p_adv: float,
     assert parts["adv_batch"].item() == p_adv
     delta = (trained_on[0] - x).abs().max().item()
     assert (delta == 0.0) if p_adv == 0.0 else (0 < delta <= 0.05 + 1e-6)
-    assert method.phase == "ce" and parts["kd"].item() > 0 and "w_spy" in parts
+    assert method.phase == "ce+kd" and parts["kd"].item() > 0 and "w_spy" in parts
+
+
+def test_darht_skips_teacher_forwards_in_the_ce_phase_unless_asked(batch) -> None:
+    x, y = batch
+    for log_kd, calls in ((False, 0), (True, 1)):
+        spy = _Spy(_teacher(0))
+        method = create_method("darht", eps=0.05, steps=1, p_adv=0.0, teachers_in_ce_phase=log_kd)
+        method.bind({"spy": spy})
+        method.on_epoch_start(0, 4, 0.1, 0.1)
+        parts = method.step(_student("darht", 1), x, y)
+        assert method.phase == "ce" and len(spy.seen) == calls
+        assert (parts["kd"].item() > 0) == log_kd and torch.isnan(parts["w_spy"]).item() != log_kd
 
 
 def test_darht_phase_schedule() -> None:

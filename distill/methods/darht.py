@@ -16,9 +16,9 @@ stands for teacher k's logits. Per batch ``(x, y)``:
    with ``e1 = round(0.25 E)``, ``e2 = round(0.59 E)`` (the reference's 50 and 118 of 200), or
    explicit ``phase_epochs: [e1, e2]``.
 
-In the CE phase the teachers still run (``teachers_in_ce_phase``) so that ``kd`` and the weights are
-logged (detached) from the start; set it false to skip their forwards, and ``kd`` is then logged
-as 0 and the weights as NaN. Parts: ``loss``, ``ce``, ``kd`` (unweighted by phase), ``adv_batch`` (1 for an adversarial
+In the CE phase the loss needs no teacher, so their forwards are skipped (``kd`` is logged as 0 and
+the weights as NaN); ``teachers_in_ce_phase: true`` runs them anyway to log ``kd`` and the weights
+(detached) from the start, at the cost of K forwards per batch. Parts: ``loss``, ``ce``, ``kd`` (unweighted by phase), ``adv_batch`` (1 for an adversarial
 batch: its epoch mean is the adversarial fraction), ``w_<teacher>`` (the teacher weights).
 ``logits`` are the final logits on the batch trained on.
 
@@ -74,7 +74,7 @@ class DARHT(AdversarialMethod):
     #: explicit phase boundaries in epochs (overrides ``phases``).
     phase_epochs: list[int] | None = None
     #: run the teachers in the CE phase too, to log kd and the weights.
-    teachers_in_ce_phase: bool = True
+    teachers_in_ce_phase: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
