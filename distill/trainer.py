@@ -613,12 +613,15 @@ def train(config: TrainConfig | Mapping[str, Any], out: str | os.PathLike, *, re
             with _autocast(device, amp):
                 parts = method.step(student, x, y)
             loss = parts["loss"]
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
+            # one device sync for both checks: sum(logits) * 0 is NaN exactly when a logit is NaN or Inf
+            loss_value, logits_probe = torch.stack([loss.detach().float(),
+                                                    parts["logits"].detach().float().sum() * 0]).tolist()
+            if not (math.isfinite(loss_value) and math.isfinite(logits_probe)):
+                what = f"loss ({loss_value})" if not math.isfinite(loss_value) else "logits (NaN or Inf)"
                 kept = (f"the checkpoint of epoch {len(history)} is kept in {ckpt_path}" if ckpt_path.is_file()
                         else "no checkpoint was written yet")
                 raise NumericalFault(
-                    f"non-finite loss ({loss_value}) at epoch {epoch + 1}, batch {batch_idx + 1} (method "
+                    f"non-finite {what} at epoch {epoch + 1}, batch {batch_idx + 1} (method "
                     f"{method.name}); {kept}; lower --lr, try --no-amp, then --resume")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

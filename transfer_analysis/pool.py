@@ -281,6 +281,15 @@ def apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], what: 
             return ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
 
         parts = []
+        wrong_keys = [k for k in own if k in state and state[k].shape != own[k].shape]
+        heads = {(int(state[k].shape[0]), int(own[k].shape[0])) for k in wrong_keys
+                 if state[k].dim() >= 1 and state[k].shape[1:] == own[k].shape[1:]}
+        if wrong_keys and len(wrong_keys) <= 2 and not missing and not unexpected and len(heads) == 1 \
+                and len(heads) == len({k.rsplit(".", 1)[0] for k in wrong_keys}):
+            n_ckpt, n_model = heads.pop()  # only the classifier differs: a class-count mismatch
+            raise UserError(f"{what} was trained for {n_ckpt} classes but the data has {n_model} "
+                            f"({', '.join(wrong_keys)}); use the dataset it was trained on, or a checkpoint "
+                            f"for {n_model} classes")
         if wrong:
             parts.append(f"shape mismatch: {show(wrong)}")
         if missing:

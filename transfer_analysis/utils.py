@@ -17,9 +17,11 @@ import platform
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from fractions import Fraction
 from pathlib import Path
@@ -51,6 +53,8 @@ __all__ = [
     "progress",
     "is_rank_zero",
     "setup_logging",
+    "Interrupted",
+    "handle_signals",
 ]
 
 logger = logging.getLogger(__name__)
@@ -170,6 +174,8 @@ def parse_eps(value: str | float | int, name: str = "eps") -> float:
         raise UserError(f"--{name} must be a number or a fraction such as 8/255, got {value!r}")
     if isinstance(value, (int, float)):
         out = float(value)
+    elif str(value).strip().startswith("-") and _EPS_RE.match(str(value).strip()[1:]):
+        raise UserError(f"--{name} must be >= 0 (an L-inf radius or step size), got {value!r}")
     else:
         m = _EPS_RE.match(str(value))
         if not m:
@@ -179,7 +185,9 @@ def parse_eps(value: str | float | int, name: str = "eps") -> float:
         if den == 0:
             raise UserError(f"--{name} divides by zero: {value!r}")
         out = num / den
-    if not math.isfinite(out) or out < 0:
+    if math.isfinite(out) and out < 0:
+        raise UserError(f"--{name} must be >= 0, got {value!r}")
+    if not math.isfinite(out):
         raise UserError(f"--{name} must be a finite number >= 0, got {value!r}")
     return out
 
@@ -437,3 +445,62 @@ def setup_logging(level: str | int = "INFO") -> None:
         stream=sys.stderr,
         force=True,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# signals
+# --------------------------------------------------------------------------------------------
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT arrived: unwind (``finally`` blocks run, atomic writes are dropped).
+
+    A subclass of :class:`KeyboardInterrupt`, so ``except Exception`` never swallows it. The
+    ``darht`` command reports it in one line and exits with ``128 + signum`` (130, 143).
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = int(signum)
+        super().__init__(signal.Signals(self.signum).name)
+
+    @property
+    def exit_code(self) -> int:
+        """The shell convention: 128 + the signal number."""
+        return 128 + self.signum
+
+    @property
+    def signal_name(self) -> str:
+        """``SIGTERM`` or ``SIGINT``."""
+        return signal.Signals(self.signum).name
+
+
+@contextlib.contextmanager
+def handle_signals(signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into :class:`Interrupted` inside the block; restore the old handlers after.
+
+    Work already checkpointed (the last epoch, finished cache entries) stays on disk; a half-written
+    file never replaces a good one, because every write goes through :func:`atomic_write`. Outside
+    the main thread (where handlers cannot be installed) this does nothing.
+
+    Example:
+        >>> import os, signal
+        >>> try:
+        ...     with handle_signals():
+        ...         os.kill(os.getpid(), signal.SIGTERM)
+        ... except Interrupted as err:
+        ...     err.exit_code
+        143
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: Any) -> None:  # noqa: ARG001 - the signal API's signature
+        raise Interrupted(signum)
+
+    previous = {}
+    for sig in signals:
+        previous[sig] = signal.signal(sig, _raise)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -2,14 +2,15 @@
 
 Each subcommand lives in its own module of this package and exposes ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args) -> int``. A :class:`~transfer_analysis.errors.UserError`
-raised anywhere becomes exit code 2 and one line on stderr; nothing else is printed.
+raised anywhere becomes exit code 2 and one line on stderr; nothing else is printed. SIGTERM and
+SIGINT (:func:`transfer_analysis.utils.handle_signals`) stop the command cleanly: one line, exit
+code 143 or 130, finished work (checkpoints, cache entries) kept for ``--resume``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -69,18 +70,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``darht`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from transfer_analysis.utils import setup_logging
+    from transfer_analysis.utils import Interrupted, handle_signals, setup_logging
 
     setup_logging(args.log_level)
     try:
-        code = args._run(args)
+        with handle_signals():
+            code = args._run(args)
     except UserError as err:
         sys.stderr.write(f"darht {args.command}: error: {err}\n")
         return UserError.exit_code
-    except KeyboardInterrupt:
-        logging.getLogger("darht").warning("interrupted")
-        return 130
+    except KeyboardInterrupt as err:
+        name, code = (err.signal_name, err.exit_code) if isinstance(err, Interrupted) else ("SIGINT", 130)
+        sys.stderr.write(f"darht {args.command}: interrupted by {name}; finished work is saved, "
+                         f"{_RESUME_HINT.get(args.command, 'run the same command again')}\n")
+        return code
     return int(code or 0)
+
+
+# how each subcommand continues after an interruption
+_RESUME_HINT = {
+    "matrix": "run the same command again to continue from the cache",
+    "distill": "add --resume to continue",
+    "train-teacher": "add --resume to continue",
+    "pipeline": "add --resume to continue",
+}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -61,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-eps-sweep", action="store_true",
                    help="skip the large-eps PGD check for gradient masking")
     p.add_argument("--out", required=True, help="metrics JSON to write (e.g. metrics.json)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,11 +193,13 @@ def load_weights_model(weights: Path, arch: str | None, model_kwargs: dict[str, 
 # --------------------------------------------------------------------------------------------
 # run
 # --------------------------------------------------------------------------------------------
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, force: bool = False) -> None:
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name such as {out / 'metrics.json'}")
     if out.parent.exists() and not out.parent.is_dir():
         raise UserError(f"--out {out}: {out.parent} is not a directory")
+    if out.exists() and not force:
+        raise UserError(f"--out {out} already exists; pass --force to replace it or choose another file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -211,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer, got {args.batch_size}")
     out = Path(args.out)
-    _check_out(out)
+    _check_out(out, force=args.force)
     sources = [a.split(":", 1)[1] for a in attacks if attack_kind(a) == "transfer"]
     if args.name is not None and args.pool is None:
         raise UserError("--name selects a model of a pool; give --pool POOL.yaml too")

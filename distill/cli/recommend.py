@@ -61,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="enumerate every subset while C(N, k) <= N (default 2000000); above it, mean is approximate")
     p.add_argument("--no-plot", action="store_true", help="do not write the graph PNG")
     p.add_argument("--out", required=True, help="the JSON to write (rec.json); the PNG goes beside it")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} is a directory; give a file name such as {out / 'rec.json'}")
     if out.suffix.lower() == ".png":
         raise UserError(f"--out {out} must not end in .png (the graph plot is written beside the JSON)")
+    if out.exists() and not args.force:
+        raise UserError(f"--out {out} already exists; pass --force to replace it or choose another file")
     if args.top < 1:
         raise UserError(f"--top must be at least 1, got {args.top}")
     limit = DEFAULT_ENUMERATION_LIMIT if args.enumeration_limit is None else args.enumeration_limit

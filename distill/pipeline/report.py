@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from transfer_analysis.utils import atomic_write_text
+from transfer_analysis.utils import atomic_write, atomic_write_text
 
 __all__ = ["write_report", "summarize_students", "plot_robustness_vs_accuracy", "plot_training_curves"]
 
@@ -82,7 +81,8 @@ def plot_robustness_vs_accuracy(students: pd.DataFrame, path: Path, robust_col: 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
 
@@ -116,7 +116,8 @@ def plot_training_curves(run_dirs: Mapping[str, Path], path: Path) -> Path | Non
         seen.setdefault(lab, h)
     axes[1].legend(seen.values(), seen.keys(), fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
 
@@ -136,6 +137,12 @@ def _compare(summary: pd.DataFrame, a: str, b: str, col: str) -> str | None:
             f"largest seed std {spread:.3f}).")
 
 
+def _atomic_copy(src: Path, dst: Path) -> None:
+    """Copy a file so that ``dst`` is never seen half-written."""
+    with atomic_write(dst, "wb") as fh:
+        fh.write(src.read_bytes())
+
+
 def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], students: pd.DataFrame,
                  command: Sequence[str]) -> Path:
     """Write ``report.md`` (and the PNG/CSV files it shows) into ``out``."""
@@ -144,12 +151,12 @@ def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stud
     matrix_dir = out / "matrix"
     for name in ("transfer_matrix.csv", "models.csv", "transfer_heatmap.png", "transfer_long.csv"):
         if (matrix_dir / name).is_file():
-            shutil.copyfile(matrix_dir / name, out / name)
+            _atomic_copy(matrix_dir / name, out / name)
     if (out / "recommendation_low.png").is_file():
-        shutil.copyfile(out / "recommendation_low.png", out / "recommendation.png")
+        _atomic_copy(out / "recommendation_low.png", out / "recommendation.png")
     models = pd.read_csv(out / "models.csv") if (out / "models.csv").is_file() else None
     summary = summarize_students(students)
-    summary.to_csv(out / "students_summary.csv", index=False)
+    atomic_write_text(out / "students_summary.csv", summary.to_csv(index=False))
     robust_col = next((c for c in ("autoattack_acc", "pgd20_acc", "cw_acc", "fgsm_acc")
                        if c in students.columns and students[c].notna().any()), "clean_acc")
     plot_robustness_vs_accuracy(students, out / "robustness_vs_accuracy.png", robust_col)
