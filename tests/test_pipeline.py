@@ -25,13 +25,13 @@ TINY = {
     "batch_size": 32,
     "pool": [
         {"name": "cnn_a", "arch": "resnet18_cifar", "kwargs": {"width": 4}, "family": "cnn",
-         "train": {"method": "standard", "epochs": 1, "lr": 0.05}},
+         "train": {"method": "standard", "epochs": 3, "lr": 0.05}},
         {"name": "cnn_b", "arch": "resnet18_cifar", "kwargs": {"width": 4}, "family": "cnn",
-         "train": {"method": "fast-at", "epochs": 1, "lr": 0.05}},
+         "train": {"method": "fast-at", "epochs": 3, "lr": 0.05}},
         {"name": "mlp", "arch": "mixer_cifar", "kwargs": {"patch_size": 4, "embed_dim": 8, "num_blocks": 1},
          "family": "mlp", "train": {"method": "standard", "epochs": 1, "lr": 0.05}},
     ],
-    "matrix": {"n_samples": 24, "steps": 2, "batch_size": 24},
+    "matrix": {"n_samples": 48, "steps": 2, "batch_size": 48},
     "recommend": {"k": 2},
     "students": {"arch": "resnet18_cifar", "kwargs": {"width": 4}, "epochs": 1, "lr": 0.05, "seeds": [0],
                  "eval_samples": 8, "method_kwargs": {"darht": {"steps": 1}, "pgd-at": {"steps": 1}},
@@ -117,6 +117,8 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, capsys):
     assert list(students["teacher_set"]) == ["low-transfer", "homogeneous", "none"]
     assert students.loc[1, "teachers"] == "cnn_a+cnn_b" and pd.isna(students.loc[2, "teachers"])
     assert students["clean_acc"].between(0, 1).all() and students["cw_acc"].isna().all()
+    pool = yaml.safe_load((out / "pool.yaml").read_text())["models"]  # relative: the run dir can move
+    assert all(not Path(m["checkpoint"]).is_absolute() and (out / m["checkpoint"]).is_file() for m in pool)
     rec = json.loads((out / "recommendation.json").read_text())
     low = rec["low-transfer"]["sets"][0]["teachers"]
     assert students.loc[0, "teachers"] == "+".join(low)
@@ -144,3 +146,27 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, capsys):
     changed.write_text(yaml.safe_dump(_with(eps=0.2), sort_keys=False))
     assert main(["pipeline", "--config", str(changed), "--out", str(out), "--resume"]) == 2
     assert "changed: eps" in capsys.readouterr().err
+
+
+def test_teachers_with_the_same_settings_get_their_own_seeds(tmp_path, monkeypatch):
+    """Two pool entries that differ only in name must not train to the same weights."""
+    import distill.teachers
+    from distill.pipeline.runner import _stage_pool
+    from transfer_analysis.pool import init_seed_for
+
+    seeds = {}
+
+    def fake_train_teacher(arch, ds, weights, *, name, seed, **kw):
+        seeds[name] = seed
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        weights.write_bytes(b"")
+        weights.with_suffix(".yaml").write_text(yaml.safe_dump({"models": [{
+            "name": name, "arch": arch, "checkpoint": weights.name}]}))
+
+    monkeypatch.setattr(distill.teachers, "train_teacher", fake_train_teacher)
+    cfg = validate_study_config(_with(pool=[
+        {"name": n, "arch": "resnet18_cifar", "kwargs": {"width": 4}, "family": "cnn",
+         "train": {"method": "standard", "epochs": 1}} for n in ("twin_a", "twin_b")]))
+    _stage_pool(cfg, tmp_path, None, "cpu")
+    assert seeds == {"twin_a": init_seed_for(0, "twin_a"), "twin_b": init_seed_for(0, "twin_b")}
+    assert seeds["twin_a"] != seeds["twin_b"]

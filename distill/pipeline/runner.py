@@ -88,7 +88,7 @@ def _check_resume(out: Path, cfg: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 def _stage_pool(cfg: Mapping[str, Any], out: Path, train_ds: Any, device: str) -> Path:
     from distill.teachers import train_teacher
-    from transfer_analysis.pool import PoolEntry
+    from transfer_analysis.pool import PoolEntry, init_seed_for
 
     entries: list[dict[str, Any]] = []
     for i, spec in enumerate(cfg["pool"]):
@@ -109,14 +109,16 @@ def _stage_pool(cfg: Mapping[str, Any], out: Path, train_ds: Any, device: str) -
                     lr=train["lr"], optimizer=train["optimizer"], weight_decay=train["weight_decay"],
                     name=spec["name"], family=spec.get("family"),
                     resume=(weights.parent / f"{spec['name']}.run").is_dir(),
-                    seed=cfg["seed"], device=device, final_eval_samples=min(1000, cfg["matrix"]["n_samples"]))
+                    # each teacher's own seed: two entries with the same arch and training differ
+                    seed=init_seed_for(cfg["seed"], spec["name"]), device=device,
+                    final_eval_samples=min(1000, cfg["matrix"]["n_samples"]))
                 _status("pool", f"{spec['name']}: done in {time.time() - t0:.0f} s")
             trained = yaml.safe_load(written.read_text())
             trained = trained["models"][0] if isinstance(trained, Mapping) and "models" in trained else trained
             entry.update({k: trained[k] for k in ("checkpoint", "mean", "std", "input_size") if trained.get(k)})
-            entry["checkpoint"] = str(Path(entry["checkpoint"]).resolve()) if not Path(
-                entry["checkpoint"]).is_absolute() and (written.parent / entry["checkpoint"]).exists() is False \
-                else str((written.parent / Path(entry["checkpoint"]).name).resolve())
+            # W.yaml's checkpoint is relative to W.yaml; pool.yaml's are relative to the run directory,
+            # so the run directory can be moved as a whole
+            entry["checkpoint"] = os.path.relpath(written.parent / entry["checkpoint"], out)
             entry["training"] = f"{train['method']} x{train['epochs']} (eps {train['eps_value']:g})"
         PoolEntry(**entry)  # same schema as any pool file
         entries.append(entry)
@@ -287,9 +289,8 @@ def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None =
     rec = _stage_recommend(cfg, out, matrix_dir)
     rows = _stage_students(cfg, out, pool_path, rec, train_ds, str(dev))
     students = pd.DataFrame(rows)
-    students[STUDENT_COLUMNS].to_csv(out / "students.csv.tmp", index=False)
-    os.replace(out / "students.csv.tmp", out / "students.csv")
-    students.to_csv(out / "students_detail.csv", index=False)
+    atomic_write_text(out / "students.csv", students[STUDENT_COLUMNS].to_csv(index=False))
+    atomic_write_text(out / "students_detail.csv", students.to_csv(index=False))
     report = write_report(out, cfg, rec, students, argv)
     _status("report", f"wrote {report}")
     sets = {"low-transfer": _teachers_for({"teacher_set": "low-transfer"}, rec),
