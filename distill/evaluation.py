@@ -442,13 +442,7 @@ def _attack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: t
                                 loss="ce" if kind == "pgd" else "margin", start="uniform",
                                 batch_size=batch_size, device=device, desc=name)
         if kind == "transfer":
-            source_name = name.split(":", 1)[1]
-            if pool is None:
-                raise UserError(f"attack {name!r} needs a pool of source models (--pool POOL.yaml)")
-            if source_name not in pool:
-                raise UserError(f"attack {name!r}: no model {source_name!r} in the pool; it has "
-                                f"{', '.join(sorted(pool)) or 'no models'}")
-            source = pool[source_name]
+            source = _transfer_source(name, pool)
             if _model_device(source, device) != device:
                 source.to(device)
             return _pgd_correct(model, x, y, clean, eps=eps, alpha=eps / 4, steps=TRANSFER_STEPS, loss="ce",
@@ -460,6 +454,17 @@ def _attack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: t
         cfg = autoattack_config or (AUTOATTACK_FAST if name == "autoattack-fast" else AUTOATTACK_STANDARD)
         with eval_mode(model):
             return _autoattack_correct(model, x, y, clean, eps, n_classes, cfg, batch_size, seed, device, details)
+
+
+def _transfer_source(name: str, pool: Mapping[str, nn.Module] | None) -> nn.Module:
+    """The pool model that crafts the examples of ``transfer:NAME``; a clear error when missing."""
+    source_name = name.split(":", 1)[1]
+    if pool is None:
+        raise UserError(f"attack {name!r} needs a pool of source models (--pool POOL.yaml)")
+    if source_name not in pool:
+        raise UserError(f"attack {name!r}: no model {source_name!r} in the pool; it has "
+                        f"{', '.join(sorted(pool)) or 'no models'}")
+    return pool[source_name]
 
 
 def per_sample_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: str = "pgd20",
@@ -722,12 +727,7 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     x, y = _check_inputs(x, y)
     for name in names:
         if attack_kind(name) == "transfer":
-            source = name.split(":", 1)[1]
-            if pool is None:
-                raise UserError(f"attack {name!r} needs a pool of source models (--pool POOL.yaml)")
-            if source not in pool:
-                raise UserError(f"attack {name!r}: no model {source!r} in the pool; it has "
-                                f"{', '.join(sorted(pool)) or 'no models'}")
+            _transfer_source(name, pool)  # fail before any attack runs
     dev = _resolve_eval_device(model, x, device)
     n = len(y)
     if "clean" not in names:
