@@ -31,6 +31,9 @@ The run directory (CLI.md, ``darht distill``):
 run (bit-identical on CPU). A non-finite loss stops training with a :class:`NumericalFault`
 naming the epoch and batch; the checkpoint of the last finished epoch is kept.
 
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel over the processes, with
+``batch_size`` as the global batch, and rank 0 alone writes the run directory (see :func:`_train`).
+
 Example:
     >>> from transfer_analysis.data import make_synthetic
     >>> import tempfile
@@ -65,6 +68,7 @@ from torch import nn
 from distill.attacks import eval_mode, pgd_attack
 from distill.methods import FrozenTeachers, Method, create_method, get_method_class
 from distill.student import Student, build_student, save_student
+from transfer_analysis import distributed as dist_utils
 from transfer_analysis.data import ImageDataset, balanced_subset, load_dataset, save_indices
 from transfer_analysis.errors import UserError
 from transfer_analysis.utils import (
@@ -498,10 +502,38 @@ def train(config: TrainConfig | Mapping[str, Any], out: str | os.PathLike, *, re
     Returns:
         A :class:`TrainResult`; ``metrics`` is the ``metrics.json`` dict when training completed.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialized here (and destroyed
+    at the end) and the run is data-parallel; see :func:`_train`.
+
     Example: see the module docstring.
     """
     cfg = resolve_config(config)
-    device = resolve_device(cfg.device)
+    with dist_utils.process_group(resolve_device(cfg.device)):
+        return _train(cfg, out, resume=resume, force=force, dataset=dataset, teachers=teachers,
+                      stop_after_epochs=stop_after_epochs, on_epoch_end=on_epoch_end)
+
+
+def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: bool, dataset: ImageDataset | None,
+           teachers: Mapping[str, nn.Module] | None, stop_after_epochs: int | None,
+           on_epoch_end: Callable[[int, Mapping[str, float]], None] | None) -> TrainResult:
+    """The body of :func:`train`, in one process or as one rank of a ``torchrun`` job.
+
+    Data-parallel (``world`` processes): ``batch_size`` is the global batch. Every rank draws the
+    same global batch (and its augmentation) from the same seeded generator, as one process
+    would, and trains on its strided slice ``[rank::world]``, which is what ``DistributedSampler``
+    gives (the generator's state carries the epoch); the student's gradients are averaged over the
+    ranks after each backward (DDP's all-reduce, done explicitly because methods call the student
+    several times per step: attacks, ``forward_with_map``) and rank 0's buffers (batch-norm statistics)
+    are broadcast before each step, as DDP does; teachers stay unwrapped and frozen on
+    every rank; the logged sums are all-reduced, so ``summary.csv`` holds what one process would
+    log up to floating point and the per-rank batch-norm statistics; rank 0 alone writes files and
+    runs the per-epoch and final evaluations. The checkpoint holds every rank's RNG states;
+    resuming with another number of processes continues the same data order and schedule but
+    re-seeds the per-rank random streams (a warning says so), so it is not bit-identical.
+    """
+    world, rank = dist_utils.world_size(), dist_utils.rank()
+    main = rank == 0
+    device = dist_utils.rank_device(resolve_device(cfg.device))
     method = create_method(cfg.method, eps=cfg.eps, **cfg.method_kwargs)
     out = Path(out)
     _check_teacher_request(cfg, method, teachers)
@@ -514,6 +546,9 @@ def train(config: TrainConfig | Mapping[str, Any], out: str | os.PathLike, *, re
     if cfg.batch_size > len(data.y_train):
         raise UserError(f"batch size {cfg.batch_size} exceeds the {len(data.y_train)} training images; lower "
                         "--batch-size")
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must be divisible by the "
+                        f"{world} processes")
     frozen = FrozenTeachers(teacher_models) if teacher_models else None
     method.bind(frozen)
     transfer_pool = _transfer_sources(cfg, teacher_models, data, device)
@@ -533,8 +568,11 @@ def train(config: TrainConfig | Mapping[str, Any], out: str | os.PathLike, *, re
     amp = cfg.amp and device.type == "cuda"
     if cfg.amp and not amp:
         logger.debug("AMP (bf16) is used on CUDA only; training in fp32 on %s", device)
+    if world > 1:  # same initial weights on every rank (seeded above); distinct training noise per rank
+        seed_everything(_rank_seed(cfg.seed, rank))
 
-    run_dir = prepare_out_dir(out, resume=resume, force=force)
+    run_dir = prepare_out_dir(out, resume=resume, force=force) if main else out
+    dist_utils.barrier()
     resolved = {
         **cfg.to_dict(),
         "resolved": {
@@ -549,8 +587,9 @@ def train(config: TrainConfig | Mapping[str, Any], out: str | os.PathLike, *, re
             "iterations_per_epoch": len(data.y_train) // cfg.batch_size,
         },
     }
-    write_run_config(run_dir, resolved)
-    write_env_json(run_dir, device)
+    if main:
+        write_run_config(run_dir, resolved)
+        write_env_json(run_dir, device)
 
     iters = len(data.y_train) // cfg.batch_size
     if cfg.optimizer == "adamw":  # what timm trains ViTs and MLP-Mixers with; SGD leaves small ones near chance
@@ -573,7 +612,17 @@ def train(config: TrainConfig | Mapping[str, Any], out: str | os.PathLike, *, re
         scheduler.load_state_dict(ckpt["scheduler"])
         generator.set_state(ckpt["data_generator"])
         method.load_state_dict(ckpt["method"])
-        set_rng_state(ckpt["rng"])
+        saved_world = int(ckpt.get("world_size", 1))
+        if world == 1 and saved_world == 1:
+            set_rng_state(ckpt["rng"])
+        elif saved_world == world:
+            set_rng_state(ckpt["rng_ranks"][rank])
+        else:
+            if main:
+                logger.warning("resuming a run of %d process(es) with %d: the data order and schedule continue, "
+                               "the per-rank random streams are re-seeded (not bit-identical to an uninterrupted "
+                               "run)", saved_world, world)
+            seed_everything(_rank_seed(cfg.seed, rank, int(ckpt["epoch"])))
         history = [dict(row) for row in ckpt["history"]]
         start_epoch = int(ckpt["epoch"])
         logger.info("resuming %s after epoch %d of %d", run_dir, start_epoch, cfg.epochs)
@@ -585,7 +634,8 @@ def train(config: TrainConfig | Mapping[str, Any], out: str | os.PathLike, *, re
     eval_seed = _eval_seed(cfg)
     eval_idx = balanced_subset(data.y_test, cfg.eval_samples, seed=eval_seed) if cfg.eval_samples else \
         torch.zeros(0, dtype=torch.long)
-    save_indices(run_dir / "eval_indices.json", eval_idx, split="test", dataset=data.name, seed=eval_seed)
+    if main:
+        save_indices(run_dir / "eval_indices.json", eval_idx, split="test", dataset=data.name, seed=eval_seed)
     x_eval, y_eval = data.images("test", eval_idx), data.labels("test", eval_idx)
     augment = data.augment if cfg.augment else None
 
@@ -609,6 +659,9 @@ def train(config: TrainConfig | Mapping[str, Any], out: str | os.PathLike, *, re
                                device=device, drop_last=True)
         bar = progress(batches, total=iters, desc=f"epoch {epoch + 1}/{cfg.epochs}")
         for batch_idx, (x, y) in enumerate(bar):
+            if world > 1:  # this rank's slice of the global batch (DistributedSampler's striding)
+                x, y = x[rank::world], y[rank::world]
+                dist_utils.broadcast_buffers(student)  # rank 0's BN statistics, as DDP does
             x = _to_device_format(x, cfg.channels_last)
             with _autocast(device, amp):
                 parts = method.step(student, x, y)
@@ -625,6 +678,8 @@ def train(config: TrainConfig | Mapping[str, Any], out: str | os.PathLike, *, re
                     f"{method.name}); {kept}; lower --lr, try --no-amp, then --resume")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:
+                dist_utils.average_gradients(list(student.parameters()))
             optimizer.step()
             scheduler.step()
             n = len(y)
@@ -635,15 +690,17 @@ def train(config: TrainConfig | Mapping[str, Any], out: str | os.PathLike, *, re
                 sums[key] = sums.get(key, 0.0) + value * n
             if hasattr(bar, "set_postfix") and batch_idx % 10 == 0:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}")
-        clean_acc, pgd_acc = _evaluate_epoch(student, x_eval, y_eval, cfg, device, epoch)
+        if world > 1:
+            sums, loss_sum, correct, seen = _all_reduce_sums(sums, loss_sum, correct, seen)
+        clean_acc, pgd_acc = _evaluate_epoch(student, x_eval, y_eval, cfg, device, epoch) if main else \
+            (float("nan"), float("nan"))
         row: dict[str, float] = {"epoch": epoch + 1, "lr": lr_now, "loss": loss_sum / seen}
         for key, total in sums.items():
             row[key] = float(total) / seen
         row.update({"train_acc": correct / seen, "test_clean_acc": clean_acc, "test_pgd_acc": pgd_acc,
                     "epoch_time_s": time.perf_counter() - t0})
         history.append(row)
-        _write_summary(run_dir / "summary.csv", history)
-        atomic_torch_save({
+        ckpt = {
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch + 1,
             "student": student.state_dict(),
@@ -653,7 +710,15 @@ def train(config: TrainConfig | Mapping[str, Any], out: str | os.PathLike, *, re
             "rng": rng_state(),
             "method": method.state_dict(),
             "history": history,
-        }, ckpt_path)
+        }
+        if world > 1:
+            ckpt["world_size"] = world
+            ckpt["rng_ranks"] = dist_utils.all_gather_object(ckpt["rng"])
+        if main:
+            _write_summary(run_dir / "summary.csv", history)
+            atomic_torch_save(ckpt, ckpt_path)
+        del ckpt
+        dist_utils.barrier()  # the checkpoint is on disk before any rank goes on (or stops)
         logger.info("epoch %d/%d: %s", epoch + 1, cfg.epochs,
                     ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
         if on_epoch_end is not None:
@@ -663,6 +728,8 @@ def train(config: TrainConfig | Mapping[str, Any], out: str | os.PathLike, *, re
         return TrainResult(run_dir, student, history, None, False, cfg)
 
     student.eval()
+    if not main:  # rank 0 writes the student and runs the final evaluation
+        return TrainResult(run_dir, student, history, None, True, cfg)
     save_student(student, run_dir / "student.safetensors",
                  extra_metadata={"method": method.name, "epochs": cfg.epochs, "teachers": list(teacher_models)})
     metrics = _final_evaluation(student, data, cfg, device, run_dir, transfer_pool)
@@ -683,6 +750,22 @@ def train(config: TrainConfig | Mapping[str, Any], out: str | os.PathLike, *, re
     atomic_write_json(run_dir / "metrics.json", metrics)
     logger.info("done: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics["accuracy"].items()))
     return TrainResult(run_dir, student, history, metrics, True, cfg)
+
+
+def _rank_seed(seed: int, rank: int, epoch: int = 0) -> int:
+    """Seed of rank ``rank``'s training noise streams (attack starts, dropout) in a data-parallel run."""
+    return (seed * 1_000_003 + 7919 * (rank + 1) + 104_729 * epoch) % 2**63
+
+
+def _all_reduce_sums(sums: dict[str, torch.Tensor | float], loss_sum: float, correct: int,
+                     seen: int) -> tuple[dict[str, float], float, int, int]:
+    """Sum the epoch's logged totals over the ranks (one all-reduce, float64)."""
+    keys = list(sums)
+    local = torch.tensor([float(sums[k]) for k in keys] + [loss_sum, float(correct), float(seen)],
+                         dtype=torch.float64)
+    total = dist_utils.all_reduce_sum(local).tolist()
+    return ({k: total[i] for i, k in enumerate(keys)}, total[len(keys)], int(round(total[len(keys) + 1])),
+            int(round(total[len(keys) + 2])))
 
 
 def _eval_seed(cfg: TrainConfig) -> int:

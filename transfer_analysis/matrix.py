@@ -45,6 +45,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from . import distributed as dist_utils
 from .attacks import AttackConfig, build_attack
 from .cache import MatrixCache, data_key
 from .errors import UserError
@@ -418,6 +419,13 @@ def transfer_matrix(pool: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
         metrics: metrics of the long table.
         on_source_done: called with each source's name once its row is complete (and cached).
 
+    Under ``torchrun`` (an initialized process group of more than one process) the sources are
+    shared out, source ``i`` to rank ``i % world``; each rank attacks its sources and evaluates
+    every target on them, then the predictions are gathered, so every rank returns the whole
+    result (``stats`` summed over the ranks). The cache directory must then be on a filesystem
+    every rank sees; ranks write different source keys (clean predictions may be written by
+    several ranks, atomically and with the same content).
+
     Returns:
         A :class:`TransferResult` with the predictions, the booleans and the tables.
 
@@ -426,7 +434,8 @@ def transfer_matrix(pool: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
 
     Example: see the module docstring.
     """
-    dev = resolve_device(device)
+    dev = dist_utils.rank_device(resolve_device(device))
+    world, rank = dist_utils.world_size(), dist_utils.rank()
     cfg = (AttackConfig(attack) if isinstance(attack, str) else attack).resolved()
     names = list(pool)
     if not names:
@@ -472,7 +481,8 @@ def transfer_matrix(pool: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
 
     finished = False
     try:
-        for i, s in enumerate(progress(names, desc="sources", unit="model")):
+        mine = [(i, s) for i, s in enumerate(names) if i % world == rank]
+        for i, s in progress(mine, desc="sources", unit="model"):
             t0 = time.perf_counter()
             fp_s = fps[i]
             skey = MatrixCache.source_key(fp_s, akey, dkey, seed)
@@ -515,6 +525,8 @@ def transfer_matrix(pool: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
             if on_source_done is not None:
                 cache.flush()  # the row is on disk before anyone is told it is done
                 on_source_done(s)
+        if world > 1:
+            _gather_rows(rows, clean, stats)
         for name, fp in zip(names, fps):
             ensure_clean(name, fp)
         finished = True
@@ -534,6 +546,22 @@ def transfer_matrix(pool: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
         archs=[getattr(e, "arch", None) or type(pool[name]).__name__ for e, name in zip(entries, names)],
         fingerprints=fps, stats=stats, metrics=tuple(metrics),
     )
+
+
+def _gather_rows(rows: dict[str, dict[str, torch.Tensor]], clean: dict[str, torch.Tensor],
+                 stats: dict[str, int]) -> None:
+    """Merge every rank's source rows, clean predictions and counters into this rank's (in place)."""
+    parts = dist_utils.all_gather_object(({fp: {t: p.cpu() for t, p in r.items()} for fp, r in rows.items()},
+                                          {fp: p.cpu() for fp, p in clean.items()}, dict(stats)))
+    totals = dict.fromkeys(stats, 0)
+    for their_rows, their_clean, their_stats in parts:
+        for fp, row in their_rows.items():
+            rows.setdefault(fp, {}).update(row)
+        for fp, pred in their_clean.items():
+            clean.setdefault(fp, pred)
+        for key, value in their_stats.items():
+            totals[key] = totals.get(key, 0) + int(value)
+    stats.update(totals)
 
 
 def save_matrix_outputs(result: TransferResult, out_dir: str | Path, heatmap: bool = True) -> dict[str, Path]:
@@ -595,9 +623,8 @@ def run_matrix(pool_path: str | Path, dataset: str | Any, out: str | Path, *, at
 
     Every input is checked before anything is written, so a mistake leaves no output behind.
     """
-    from transfer_analysis.data import balanced_subset, load_dataset, save_indices
+    from transfer_analysis.data import balanced_subset, load_dataset
     from transfer_analysis.pool import build_pool_model, read_pool_config
-    from transfer_analysis.utils import format_eps, prepare_out_dir, write_env_json, write_run_config
 
     attack = attack.resolved()
     if batch_size < 1:
@@ -621,27 +648,48 @@ def run_matrix(pool_path: str | Path, dataset: str | Any, out: str | Path, *, at
     pool = {e.name: build_pool_model(e, ds.num_classes, ds.in_chans, ds.image_size, device="cpu", init_seed=seed)
             for e in entries if names is None or e.name in names}
 
-    prepare_out_dir(out, resume=True)
+    with dist_utils.process_group(resolve_device(device)):
+        return _run_matrix_outputs(pool, ds, dataset, out, pool_path=pool_path, attack=attack, indices=indices,
+                                   n_samples=n_samples, batch_size=batch_size, seed=seed, device=device,
+                                   cache_dir=cache_dir, data_root=data_root)
+
+
+def _run_matrix_outputs(pool: Mapping[str, nn.Module], ds: Any, dataset: str | Any, out: Path, *,
+                        pool_path: str | Path, attack: AttackConfig, indices: torch.Tensor, n_samples: int,
+                        batch_size: int, seed: int, device: str | torch.device, cache_dir: str | Path | None,
+                        data_root: str | None) -> TransferResult:
+    """Write the run directory and compute the matrix (under ``torchrun``: rank 0 writes, all compute)."""
+    from transfer_analysis.data import save_indices
+    from transfer_analysis.utils import prepare_out_dir, write_env_json, write_run_config
+
+    main = dist_utils.rank() == 0
     cache_dir = Path(cache_dir) if cache_dir is not None else out / "cache"
-    save_indices(out / "indices.json", indices, dataset=ds.name, split="test", seed=seed)
-    indices_sha = hashlib.sha256(",".join(str(int(i)) for i in indices).encode()).hexdigest()
-    write_run_config(out, {
-        "command": "matrix",
-        "pool": str(Path(pool_path).resolve()),
-        "models": [{"name": n, "arch": m.entry.arch, "family": m.entry.family, "fingerprint": m.fingerprint}
-                   for n, m in pool.items()],
-        "dataset": str(dataset) if isinstance(dataset, (str, Path)) else ds.name, "data_root": data_root,
-        "n_samples": n_samples, "n": int(len(indices)), "indices_sha256": indices_sha, "seed": seed,
-        "attack": attack.to_dict(), "eps_readable": format_eps(attack.eps), "batch_size": batch_size,
-        "device": str(device), "cache": str(cache_dir.resolve()), "metrics": ["transfer_rate", "target_error"],
-    })
-    write_env_json(out, device)
+    if main:
+        prepare_out_dir(out, resume=True)
+        save_indices(out / "indices.json", indices, dataset=ds.name, split="test", seed=seed)
+        indices_sha = hashlib.sha256(",".join(str(int(i)) for i in indices).encode()).hexdigest()
+        config = {
+            "command": "matrix",
+            "pool": str(Path(pool_path).resolve()),
+            "models": [{"name": n, "arch": m.entry.arch, "family": m.entry.family, "fingerprint": m.fingerprint}
+                       for n, m in pool.items()],
+            "dataset": str(dataset) if isinstance(dataset, (str, Path)) else ds.name, "data_root": data_root,
+            "n_samples": n_samples, "n": int(len(indices)), "indices_sha256": indices_sha, "seed": seed,
+            "attack": attack.to_dict(), "eps_readable": format_eps(attack.eps), "batch_size": batch_size,
+            "device": str(device), "cache": str(cache_dir.resolve()), "metrics": ["transfer_rate", "target_error"],
+        }
+        if dist_utils.world_size() > 1:
+            config["processes"] = dist_utils.world_size()
+        write_run_config(out, config)
+        write_env_json(out, device)
+    dist_utils.barrier()
     logger.info("%d models, %d test images of %s, attack %s", len(pool), len(indices), ds.name, attack.describe())
     result = transfer_matrix(pool, ds.images("test", indices), ds.labels("test", indices), attack,
                              batch_size=batch_size, device=device, cache_dir=cache_dir, seed=seed, dataset=ds.name,
                              indices=indices)
-    paths = save_matrix_outputs(result, out)
-    logger.info("wrote %s (attacks run: %d, target evaluations: %d, sources fully cached: %d)",
-                ", ".join(p.name for p in paths.values()), result.stats["attacks_run"],
-                result.stats["target_evaluations"], result.stats["sources_from_cache"])
+    if main:
+        paths = save_matrix_outputs(result, out)
+        logger.info("wrote %s (attacks run: %d, target evaluations: %d, sources fully cached: %d)",
+                    ", ".join(p.name for p in paths.values()), result.stats["attacks_run"],
+                    result.stats["target_evaluations"], result.stats["sources_from_cache"])
     return result

@@ -438,8 +438,11 @@ def progress(iterable: Iterable | None = None, **kwargs: Any):
 
 def setup_logging(level: str | int = "INFO") -> None:
     """Configure the root logger for the command line (library code only calls ``getLogger``)."""
+    level = level if isinstance(level, int) else getattr(logging, str(level).upper(), logging.INFO)
+    if not is_rank_zero():  # under torchrun, the other ranks only report problems
+        level = max(level, logging.WARNING)
     logging.basicConfig(
-        level=level if isinstance(level, int) else getattr(logging, str(level).upper(), logging.INFO),
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,

@@ -5,6 +5,9 @@ Options come from three layers, later ones winning: the run's own ``config.yaml`
 flags do not cover (momentum, gamma, warm-up, ...) can be set in the YAML; its keys are the fields
 of :class:`distill.trainer.TrainConfig`.
 
+Under ``torchrun --nproc_per_node N --no-python darht distill ...`` the run is data-parallel
+(:func:`distill.trainer.train`); ``--batch-size`` stays the global batch.
+
 Example:
     darht distill --method darht --student resnet18_cifar --pool pool.yaml --teachers vit_a,r18,mix \\
         --dataset cifar10 --epochs 200 --out runs/darht_r18
@@ -47,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="never download; fail if the files are missing")
     t = p.add_argument_group("training (defaults: the method's reference protocol)")
     t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None,
+                   help="global batch: under torchrun each of the N processes trains on batch/N images")
     t.add_argument("--lr", type=float, default=None, help="initial learning rate (SGD)")
     t.add_argument("--momentum", type=float, default=None)
     t.add_argument("--weight-decay", type=float, default=None)
