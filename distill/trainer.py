@@ -78,6 +78,7 @@ from transfer_analysis.utils import (
     format_eps,
     parse_eps,
     prepare_out_dir,
+    read_yaml,
     progress,
     resolve_device,
     rng_state,
@@ -206,15 +207,8 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
     Keys are :class:`TrainConfig` fields (``-`` or ``_``); a run's ``resolved`` section is skipped.
     """
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML: {getattr(err, 'problem', err)}") from err
+    data = read_yaml(path, "config file") or {}
     if not isinstance(data, Mapping):
         raise UserError(f"{path} must hold a mapping of options (method, student, epochs, ...)")
     data = {k: v for k, v in data.items() if k != "resolved"}

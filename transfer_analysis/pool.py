@@ -47,7 +47,7 @@ from torch import nn
 
 from . import archs as _archs  # noqa: F401  (registers the CIFAR architectures into timm)
 from .errors import UserError
-from .utils import safe_torch_load
+from .utils import read_yaml, safe_torch_load
 
 __all__ = [
     "PoolEntry",
@@ -162,17 +162,8 @@ def parse_pool_entries(data: Any, source: str = "pool") -> list[PoolEntry]:
 
 def read_pool_config(path: str | os.PathLike) -> list[PoolEntry]:
     """Read a pool YAML file (safe loader); checkpoint paths become relative to the file's folder."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"pool file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path} is not valid YAML{at}: {getattr(err, 'problem', err)}") from err
+    data = read_yaml(path, "pool file")
     entries = parse_pool_entries(data, str(path))
     for e in entries:
         for key in ("checkpoint", "pretrained_file"):

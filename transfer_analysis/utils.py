@@ -46,6 +46,7 @@ __all__ = [
     "atomic_save_safetensors",
     "safe_torch_load",
     "sha256_file",
+    "read_yaml",
     "prepare_out_dir",
     "write_run_config",
     "write_env_json",
@@ -315,6 +316,29 @@ def safe_torch_load(path: str | os.PathLike, trust: bool = False, what: str = "c
             ) from err
         logger.warning("loading %s with weights_only=False (trusted by the user)", path)
         return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
+    """Read a YAML file with the safe loader; a missing or malformed file is a one-line :class:`UserError`.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.yaml"
+        >>> _ = p.write_text("k: [1, 2]")
+        >>> read_yaml(p)
+        {'k': [1, 2]}
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path} is not valid YAML{at}: {getattr(err, 'problem', err)}") from err
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

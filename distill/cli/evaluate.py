@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from distill.cli.common import add_data_arguments, parse_json_kwargs
 from transfer_analysis.errors import UserError
+from transfer_analysis.utils import read_yaml
 
 if TYPE_CHECKING:
     import torch
@@ -67,18 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 # model lookup
 # --------------------------------------------------------------------------------------------
-def _read_yaml(path: Path) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML: {getattr(err, 'problem', err)}") from err
-
-
 def _student_spec_from_config(cfg_path: Path) -> dict[str, Any]:
     """The student's spec from a run's ``config.yaml``: ``resolved.student``, else the top-level keys."""
-    cfg = _read_yaml(cfg_path)
+    cfg = read_yaml(cfg_path)
     if not isinstance(cfg, Mapping):
         raise UserError(f"{cfg_path} is not a mapping of settings; re-run 'darht distill' or pass a weights file")
     resolved = cfg.get("resolved")
@@ -150,7 +142,7 @@ def _entry_beside(weights: Path, yaml_path: Path):
     """The pool entry in ``yaml_path`` (a single entry, a list of entries or a pool file)."""
     from transfer_analysis.pool import parse_pool_entries
 
-    data = _read_yaml(yaml_path)
+    data = read_yaml(yaml_path)
     if isinstance(data, Mapping) and "models" not in data:
         data = {"models": [data]}
     elif isinstance(data, list):

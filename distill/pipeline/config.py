@@ -45,7 +45,7 @@ from typing import Any
 
 from transfer_analysis.errors import UserError
 from transfer_analysis.pool import parse_pool_entries
-from transfer_analysis.utils import parse_eps
+from transfer_analysis.utils import parse_eps, read_yaml
 
 __all__ = ["TEACHER_SETS", "DEFAULTS", "load_study_config", "validate_study_config", "student_runs", "describe_plan"]
 
@@ -225,17 +225,8 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
 
 def load_study_config(path: str | os.PathLike) -> dict[str, Any]:
     """Read (safe loader) and validate a study config; pool paths become relative to the file."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise UserError(f"{path} is not valid YAML" + (f" at line {mark.line + 1}" if mark else "")
-                        + f": {getattr(err, 'problem', err)}") from err
+    raw = read_yaml(path, "config")
     cfg = validate_study_config(raw, str(path))
     for entry in cfg["pool"]:
         for key in ("checkpoint", "pretrained_file"):
