@@ -688,7 +688,9 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                         batch_size: int = 256, pool: Mapping[str, nn.Module] | None = None, seed: int = 0,
                         device: str | torch.device | None = None, n_classes: int | None = None,
                         check_eps_sweep: bool = True, *,
-                        autoattack_config: AutoAttackConfig | None = None) -> dict[str, Any]:
+                        autoattack_config: AutoAttackConfig | None = None,
+                        attack_samples: Mapping[str, int] | None = None,
+                        subset_seed: int | None = None) -> dict[str, Any]:
     """Evaluate ``model`` under every attack in ``attacks``; return the ``metrics.json`` dict.
 
     Args:
@@ -705,11 +707,18 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         check_eps_sweep: also run PGD-20 at a large ε on a subset (a gradient-masking check).
         autoattack_config: override AutoAttack's settings (default: the official standard ones;
             ``autoattack-fast`` uses :data:`AUTOATTACK_FAST`). For quick tests only.
+        attack_samples: attack -> number of samples, to run an expensive attack (AutoAttack) on a
+            seeded class-balanced subset of ``x`` only; the subsets are nested (a smaller one is
+            inside a larger one). Its accuracy is then over its subset, and ``worst_case`` and the
+            masking flags use the samples every attack ran on, so they compare like with like.
+        subset_seed: seeds those subsets (default: ``seed``); fix it to evaluate several models on
+            the same samples while their attacks are seeded differently.
 
     Returns:
-        ``{"n", "eps", "accuracy": {attack: fraction}, "worst_case", "flags": [...],
-        "settings": {...}, "diagnostics": {...}}``; ``worst_case`` is the fraction of samples
-        correct under every attack run (clean included).
+        ``{"n", "eps", "accuracy": {attack: fraction}, "n_per_attack": {attack: samples},
+        "worst_case", "worst_case_n", "flags": [...], "settings": {...}, "diagnostics": {...}}``;
+        ``worst_case`` is the fraction of the ``worst_case_n`` samples every attack ran on that
+        are correct under every attack (clean included).
 
     Example:
         >>> from torch import nn
@@ -732,7 +741,9 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     n = len(y)
     if "clean" not in names:
         names = ["clean", *names]
-    logger.info("evaluating %d samples at eps %s: %s", n, format_eps(eps_f), ", ".join(names))
+    subsets = _attack_subsets(attack_samples, names, y, seed if subset_seed is None else subset_seed)
+    logger.info("evaluating %d samples at eps %s: %s", n, format_eps(eps_f),
+                ", ".join(f"{k} ({len(subsets[k])})" if k in subsets else k for k in names))
 
     results: dict[str, torch.Tensor] = {}
     seconds: dict[str, float] = {}
@@ -751,13 +762,16 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 continue
             t0 = time.perf_counter()
             info: dict[str, Any] = {}
-            results[name] = _attack_correct(model, x, y, clean, name, eps_f, batch_size, pool, seed, classes, dev,
+            pos = subsets.get(name)
+            xs, ys, cs = (x, y, clean) if pos is None else (x[pos], y[pos], clean[pos])
+            results[name] = _attack_correct(model, xs, ys, cs, name, eps_f, batch_size, pool, seed, classes, dev,
                                             autoattack_config, info)
             seconds[name] = time.perf_counter() - t0
             if attack_kind(name) == "autoattack":
                 details[name] = info
-            logger.info("%-16s accuracy %.4f (%d/%d, %.1f s)", name, int(results[name].sum()) / n,
-                        int(results[name].sum()), n, seconds[name])
+            done = len(results[name])
+            logger.info("%-16s accuracy %.4f (%d/%d, %.1f s)", name, int(results[name].sum()) / done,
+                        int(results[name].sum()), done, seconds[name])
 
         attacked = len(names) > 1
         diagnostics: dict[str, Any] = {}
@@ -773,17 +787,30 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         diagnostics["predicted_classes"] = distinct
         has_white = any(attack_kind(k) in ("fgsm", "pgd", "cw", "autoattack") for k in names)
         if check_eps_sweep and has_white and eps_f > 0:
-            diagnostics["eps_sweep"] = _eps_sweep(model, x, y, clean, eps_f, results, batch_size, seed, dev)
+            full = {k: v for k, v in results.items() if k not in subsets}
+            diagnostics["eps_sweep"] = _eps_sweep(model, x, y, clean, eps_f, full, batch_size, seed, dev)
         if details:
             diagnostics["autoattack"] = details
         seconds["checks"] = time.perf_counter() - t0
 
-    acc = {name: int(results[name].sum()) / n for name in names}
-    worst = torch.stack([results[name] for name in names]).all(0)
+    acc = {name: int(results[name].sum()) / len(results[name]) for name in names}
+    # the samples every attack ran on: the smallest subset (they are nested), else all
+    common = min(subsets.values(), key=len) if subsets else torch.arange(n)
+    on_common = {}
+    for name in names:
+        full = torch.zeros(n, dtype=torch.bool)
+        full[subsets.get(name, torch.arange(n))] = results[name].cpu()
+        on_common[name] = full[common]
+    n_common = len(common)
+    worst = torch.stack(list(on_common.values())).all(0)
     diagnostics["correct"] = {name: int(results[name].sum()) for name in names}
     diagnostics["worst_case_correct"] = int(worst.sum())
     diagnostics["seconds"] = seconds
-    flags = masking_flags(acc, n, diagnostics)
+    acc_common = {name: int(v.sum()) / n_common for name, v in on_common.items()}
+    if subsets:
+        diagnostics["subsets"] = {"n_common": n_common, "accuracy_common": acc_common,
+                                  "positions": {k: [int(i) for i in v] for k, v in subsets.items()}}
+    flags = masking_flags(acc_common, n_common, diagnostics)
     for flag in flags:
         logger.warning("gradient-masking check: %s", flag)
     settings = {
@@ -797,7 +824,39 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         "device": str(dev),
         "check_eps_sweep": bool(check_eps_sweep),
         "attack_settings": {name: attack_settings(name, eps_f, autoattack_config) for name in names},
-        "noise_tolerance": noise_tolerance(n),
+        "attack_samples": {k: len(v) for k, v in subsets.items()},
+        "noise_tolerance": noise_tolerance(n_common),
     }
-    return {"n": n, "eps": eps_f, "accuracy": acc, "worst_case": int(worst.sum()) / n, "flags": flags,
+    return {"n": n, "eps": eps_f, "accuracy": acc, "n_per_attack": {k: len(results[k]) for k in names},
+            "worst_case": int(worst.sum()) / n_common, "worst_case_n": n_common, "flags": flags,
             "settings": settings, "diagnostics": diagnostics}
+
+
+def _attack_subsets(attack_samples: Mapping[str, int] | None, names: Sequence[str], y: torch.Tensor,
+                    seed: int) -> dict[str, torch.Tensor]:
+    """attack -> positions in ``y`` (sorted) for the attacks limited to fewer samples than ``y`` has.
+
+    The subsets are seeded, class-balanced and nested: the largest is drawn from all samples, each
+    smaller one from the one before.
+    """
+    from transfer_analysis.data import balanced_subset
+
+    limits: dict[str, int] = {}
+    for key, value in (attack_samples or {}).items():
+        parsed = parse_attacks([key])
+        name = parsed[0] if parsed else key
+        if name not in names:
+            raise UserError(f"attack samples given for {key!r}, which is not among the attacks run "
+                            f"({', '.join(names)})")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise UserError(f"attack samples for {key!r} must be a positive integer, got {value!r}")
+        if name == "clean":
+            raise UserError("clean accuracy is always measured on every sample; attack samples cannot limit it")
+        if value < len(y):
+            limits[name] = value
+    subsets: dict[str, torch.Tensor] = {}
+    pool = torch.arange(len(y))
+    for name, m in sorted(limits.items(), key=lambda kv: -kv[1]):
+        pool = pool[balanced_subset(y.cpu()[pool], m, seed=seed)]
+        subsets[name] = pool
+    return subsets

@@ -24,7 +24,8 @@ The run directory (CLI.md, ``darht distill``):
 - ``student.safetensors``: the last epoch's student (no model selection on the test set), with
   its spec in the metadata (:func:`distill.student.load_student`);
 - ``metrics.json``: :func:`distill.evaluation.evaluate_robustness` on the test set
-  (``final_eval_samples``, default all; indices in ``final_eval_indices.json``) plus a
+  (``final_eval_samples``, default all; indices in ``final_eval_indices.json``; an expensive
+  attack can run on a nested class-balanced part of them, ``final_attack_samples``) plus a
   ``training`` section.
 
 ``resume=True`` continues from the checkpoint and ends with the same weights as an uninterrupted
@@ -115,7 +116,7 @@ _FALLBACKS: dict[str, Any] = {"epochs": 200, "batch_size": 128, "lr": 0.1, "weig
                               "lr_schedule": "step", "milestones": [0.5, 0.75]}
 # Keys that may differ when a run is resumed (they do not change the training trajectory).
 _RUNTIME_KEYS = {"device", "compile", "data_root", "download", "final_attacks", "final_eval_samples",
-                 "final_check_eps_sweep", "eval_batch_size"}
+                 "final_attack_samples", "final_check_eps_sweep", "eval_batch_size"}
 
 
 class NumericalFault(UserError):
@@ -159,6 +160,7 @@ class TrainConfig:
     eval_batch_size: int | None = None
     final_attacks: list[str] = field(default_factory=lambda: list(DEFAULT_FINAL_ATTACKS))
     final_eval_samples: int | None = None
+    final_attack_samples: dict[str, int] = field(default_factory=dict)
     final_check_eps_sweep: bool = True
     eval_seed: int | None = None
     amp: bool = True
@@ -299,6 +301,16 @@ def resolve_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
     from distill.evaluation import parse_attacks
 
     data["final_attacks"] = parse_attacks(data.get("final_attacks") or list(DEFAULT_FINAL_ATTACKS))
+    limits = data.get("final_attack_samples") or {}
+    if not isinstance(limits, Mapping):
+        raise UserError(f"final_attack_samples maps attack names to sample counts, got {limits!r}")
+    data["final_attack_samples"] = {}
+    for key, value in limits.items():
+        parsed = parse_attacks([key])
+        if not parsed or parsed[0] not in data["final_attacks"] or parsed[0] == "clean":
+            raise UserError(f"final_attack_samples: {key!r} is not one of the final attacks other than clean "
+                            f"({', '.join(data['final_attacks'])})")
+        data["final_attack_samples"][parsed[0]] = _as_int(value, f"final_attack_samples.{key}", 1)
     for key in ("download", "nesterov", "augment", "normalize", "final_check_eps_sweep", "amp", "channels_last",
                 "compile"):
         if key in data:
@@ -780,4 +792,5 @@ def _final_evaluation(student: Student, data: ImageDataset, cfg: TrainConfig, de
     return evaluate_robustness(student, x, y, attacks=cfg.final_attacks, eps=cfg.eps,
                                batch_size=cfg.eval_batch_size or cfg.batch_size, pool=dict(pool) or None,
                                seed=cfg.seed, device=device, n_classes=data.num_classes,
-                               check_eps_sweep=cfg.final_check_eps_sweep)
+                               check_eps_sweep=cfg.final_check_eps_sweep,
+                               attack_samples=cfg.final_attack_samples, subset_seed=_eval_seed(cfg))

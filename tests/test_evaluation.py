@@ -310,6 +310,50 @@ def test_worst_case_is_the_per_sample_and(monkeypatch):
     assert m["worst_case"] == 3 / 6  # not min(accuracy) = 4/6
 
 
+def test_attack_samples_run_an_attack_on_a_nested_balanced_subset(trained):
+    cnn, _, x, y = trained
+    m = evaluate_robustness(cnn, x, y, attacks="clean,fgsm,pgd20,cw", eps=0.05, seed=3, check_eps_sweep=False,
+                            attack_samples={"pgd20": 40, "CW": 20, "fgsm": 64})  # 64 = all: no subset
+    pos = {k: torch.tensor(v) for k, v in m["diagnostics"]["subsets"]["positions"].items()}
+    assert set(pos) == {"pgd20", "cw"} and m["settings"]["attack_samples"] == {"pgd20": 40, "cw": 20}
+    assert m["n"] == 64 and m["n_per_attack"] == {"clean": 64, "fgsm": 64, "pgd20": 40, "cw": 20}
+    assert set(pos["cw"].tolist()) <= set(pos["pgd20"].tolist())  # nested
+    for name, p in pos.items():
+        assert len(set(p.tolist())) == len(p)
+        counts = torch.bincount(y[p], minlength=4)
+        assert int(counts.max() - counts.min()) <= 1, (name, counts)  # class-balanced
+    # brute force: each attack on its own samples, with the same seed
+    per = {a: per_sample_correct(cnn, x[pos[a]] if a in pos else x, y[pos[a]] if a in pos else y, a, eps=0.05,
+                                 seed=3) for a in ("clean", "fgsm", "pgd20", "cw")}
+    for a, correct in per.items():
+        assert m["accuracy"][a] == int(correct.sum()) / len(correct), a
+    # the worst case and the flags use the 20 samples every attack ran on
+    full = {a: torch.zeros(64, dtype=torch.bool) for a in per}
+    for a, correct in per.items():
+        full[a][pos.get(a, torch.arange(64))] = correct
+    worst = torch.stack([full[a][pos["cw"]] for a in per]).all(0)
+    assert m["worst_case_n"] == 20 and m["worst_case"] == int(worst.sum()) / 20
+    assert m["diagnostics"]["subsets"]["accuracy_common"]["fgsm"] == int(full["fgsm"][pos["cw"]].sum()) / 20
+    # another attack seed, the same subset seed: the same samples
+    again = evaluate_robustness(cnn, x, y, attacks="clean,fgsm,pgd20,cw", eps=0.05, seed=4, subset_seed=3,
+                                check_eps_sweep=False, attack_samples={"pgd20": 40, "cw": 20})
+    assert again["diagnostics"]["subsets"]["positions"] == m["diagnostics"]["subsets"]["positions"]
+
+
+@pytest.mark.parametrize("samples,match", [
+    ({"cw": 10}, "'cw', which is not among the attacks run"),
+    ({"clean": 10}, "clean accuracy is always measured on every sample"),
+    ({"pgd20": 0}, "positive integer"),
+    ({"pgd20": 2.5}, "positive integer"),
+    ({"nope": 3}, "unknown attack"),
+])
+def test_attack_samples_errors(samples, match):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(UserError, match=match):
+        evaluate_robustness(model, torch.rand(6, 1, 2, 2), torch.zeros(6, dtype=torch.long), attacks="clean,pgd20",
+                            eps=0.1, check_eps_sweep=False, attack_samples=samples)
+
+
 def test_normal_model_report_worst_case_and_no_flags(trained):
     cnn, linear, x, y = trained
     attacks = ["clean", "fgsm", "pgd20", "cw", "transfer:lin"]

@@ -34,11 +34,12 @@ TINY = {
     "matrix": {"n_samples": 48, "steps": 2, "batch_size": 48},
     "recommend": {"k": 2},
     "students": {"arch": "resnet18_cifar", "kwargs": {"width": 4}, "epochs": 1, "lr": 0.05, "seeds": [0],
-                 "eval_samples": 8, "method_kwargs": {"darht": {"steps": 1}, "pgd-at": {"steps": 1}},
+                 "eval_samples": 8, "train_subset": 96, "method_kwargs": {"darht": {"steps": 1}, "pgd-at": {"steps": 1}},
                  "runs": [{"method": "darht", "teacher_set": "low-transfer"},
                           {"method": "darht", "teacher_set": "homogeneous", "family": "cnn"},
                           {"method": "pgd-at", "teacher_set": "none"}]},
-    "evaluation": {"n_samples": 16, "attacks": ["clean", "fgsm", "pgd20"], "batch_size": 16},
+    "evaluation": {"n_samples": 16, "attacks": ["clean", "fgsm", "pgd20"], "batch_size": 16,
+                   "attack_samples": {"pgd20": 8}},
 }
 
 
@@ -67,6 +68,11 @@ def _with(**changes):
      "family 'mlp' has 1 pool model"),
     ({"students__runs": [{"method": "darht", "teacher_set": "custom", "teachers": ["zz"]}]}, "not in the pool"),
     ({"students__seeds": []}, "seeds"),
+    ({"students__train_subset": 0}, "students.train_subset must be a positive integer"),
+    ({"evaluation__attack_samples": {"cw": 8}}, "'cw' is not one of evaluation.attacks"),
+    ({"evaluation__attack_samples": {"clean": 8}}, "'clean' is not one of evaluation.attacks other than clean"),
+    ({"evaluation__attack_samples": {"pgd20": -1}}, "attack_samples.pgd20 must be a positive integer"),
+    ({"evaluation__attack_samples": [200]}, "maps attacks to sample counts"),
     ({"pool": [{"name": "a", "arch": "resnet18_cifar"}, {"name": "b", "arch": "resnet18_cifar"}]}, "needs 'train:'"),
     ({"pool": [{"name": "a", "arch": "resnet18_cifar", "train": {"method": "ard", "epochs": 1}},
                {"name": "b", "arch": "resnet18_cifar", "train": {"epochs": 1}}]}, "train.method"),
@@ -129,6 +135,15 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, capsys):
         assert section in report, section
     metrics = json.loads((out / "students" / "pgd-at-none-s0" / "metrics.json").read_text())
     assert students.loc[2, "pgd20_acc"] == pytest.approx(metrics["accuracy"]["pgd20"])
+    # PGD-20 on a nested 8 of the 16 evaluation images (evaluation.attack_samples), the same 8 for every student
+    assert metrics["n_per_attack"] == {"clean": 16, "fgsm": 16, "pgd20": 8} and metrics["worst_case_n"] == 8
+    subsets = [json.loads(p.read_text())["diagnostics"]["subsets"]["positions"]["pgd20"]
+               for p in sorted(out.glob("students/*/metrics.json"))]
+    assert len(subsets) == 3 and subsets[0] == subsets[1] == subsets[2]
+    assert "pgd20 on a nested class-balanced 8 of them" in (out / "report.md").read_text()
+    # students train on students.train_subset images; the teachers on the whole (synthetic) training set
+    for p in out.glob("students/*/config.yaml"):
+        assert yaml.safe_load(p.read_text())["resolved"]["dataset"]["n_train"] == 96
     # every student was evaluated on the same images
     idx = [json.loads(p.read_text())["indices"] for p in sorted(out.glob("students/*/final_eval_indices.json"))]
     assert len(idx) == 3 and idx[0] == idx[1] == idx[2]

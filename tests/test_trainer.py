@@ -66,6 +66,14 @@ def test_resolve_config_uses_the_method_protocol_and_validates() -> None:
         resolve_config({"method": "darht", "student": "s", "dataset": "d", "final_attacks": "pgd,nope"})
     with pytest.raises(UserError, match="not inside method_kwargs"):
         resolve_config({"method": "darht", "student": "s", "dataset": "d", "method_kwargs": {"eps": 0.1}})
+    base = {"method": "darht", "student": "s", "dataset": "d", "final_attacks": "clean,pgd20,autoattack"}
+    assert resolve_config({**base, "final_attack_samples": {"AutoAttack": 200}}).final_attack_samples == \
+        {"autoattack": 200}
+    for bad, match in [({"cw": 5}, "not one of the final attacks"), ({"clean": 5}, "not one of the final attacks"),
+                       ({"pgd20": 0}, "final_attack_samples.pgd20 must be an integer >= 1"),
+                       ([5], "maps attack names to sample counts")]:
+        with pytest.raises(UserError, match=match):
+            resolve_config({**base, "final_attack_samples": bad})
 
 
 def test_lr_schedules() -> None:

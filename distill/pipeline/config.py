@@ -22,6 +22,11 @@ A study config is one YAML file (see ``experiments/configs/``)::
         - {method: pgd-at, teacher_set: none}
     evaluation: {n_samples: 1000, attacks: [clean, fgsm, pgd20, cw, autoattack]}
 
+``students.train_subset`` (default: the study's ``train_subset``) trains the students on a smaller
+seeded class-balanced part of the training set; ``evaluation.attack_samples`` (e.g.
+``{autoattack: 200}``) runs an expensive attack on a nested class-balanced part of the
+``n_samples`` evaluation images (see :func:`distill.evaluation.evaluate_robustness`).
+
 Every mistake is a :class:`~transfer_analysis.errors.UserError` naming the key.
 
 Example:
@@ -65,9 +70,9 @@ DEFAULTS: dict[str, Any] = {
     "matrix": {"n_samples": 1000, "attack": "pgd", "steps": 10, "step_size": None, "batch_size": 256},
     "recommend": {"k": 3, "objective": "minimax", "pair": "max", "high_objective": "mean"},
     "students": {"arch": None, "kwargs": {}, "epochs": 10, "lr": 0.1, "seeds": [0], "runs": [],
-                 "method_kwargs": {}, "eval_samples": 500},
+                 "method_kwargs": {}, "eval_samples": 500, "train_subset": None},
     "evaluation": {"n_samples": 1000, "attacks": ["clean", "fgsm", "pgd20", "cw", "autoattack"],
-                   "batch_size": 256},
+                   "batch_size": 256, "attack_samples": {}},
 }
 _NEEDS = {"darht": "set", "ard": "one", "rslad": "one", "kd": "one", "mtard": "two",
           "pgd-at": "none", "trades": "none", "fast-at": "none", "standard": "none"}
@@ -216,10 +221,21 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
         raise UserError(f"{source}: students.runs has two runs labelled {dup[0]!r}; give one a 'label:'")
     s["runs"] = runs
 
+    _positive_int(s["train_subset"], f"{source}: students.train_subset", allow_none=True)
+
     ev = cfg["evaluation"]
     _positive_int(ev["n_samples"], f"{source}: evaluation.n_samples")
     if not isinstance(ev["attacks"], list) or not ev["attacks"]:
         raise UserError(f"{source}: evaluation.attacks must be a non-empty list")
+    limits = ev["attack_samples"] if ev["attack_samples"] is not None else {}
+    if not isinstance(limits, Mapping):
+        raise UserError(f"{source}: evaluation.attack_samples maps attacks to sample counts, e.g. {{autoattack: 200}}")
+    for attack, count in limits.items():
+        if attack not in ev["attacks"] or attack == "clean":
+            raise UserError(f"{source}: evaluation.attack_samples: {attack!r} is not one of evaluation.attacks "
+                            f"other than clean ({', '.join(map(str, ev['attacks']))})")
+        _positive_int(count, f"{source}: evaluation.attack_samples.{attack}")
+    ev["attack_samples"] = dict(limits)
     return cfg
 
 
@@ -269,9 +285,12 @@ def describe_plan(cfg: Mapping[str, Any]) -> list[str]:
                  "low-transfer, high-transfer, per-family and best single teacher")
     s = cfg["students"]
     runs = student_runs(cfg)
-    lines.append(f"4. students: {len(runs)} runs of {' and '.join(s['archs'])} x {s['epochs']} epochs ("
+    subset = f" on {s['train_subset']} training images" if s["train_subset"] else ""
+    lines.append(f"4. students: {len(runs)} runs of {' and '.join(s['archs'])} x {s['epochs']} epochs{subset} ("
                  + ", ".join(r_["label"] for r_ in s["runs"]) + f"; seeds {s['seeds']})")
     ev = cfg["evaluation"]
-    lines.append(f"5. evaluation: {', '.join(ev['attacks'])} on {ev['n_samples']} test images per student")
+    parts = ", ".join(f"{a} on {ev['attack_samples'][a]} of them" for a in ev["attack_samples"])
+    lines.append(f"5. evaluation: {', '.join(ev['attacks'])} on {ev['n_samples']} test images per student"
+                 + (f" ({parts})" if parts else ""))
     lines.append("6. report: report.md with tables and plots")
     return lines

@@ -219,10 +219,14 @@ def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stud
     s = cfg["students"]
     ev = cfg["evaluation"]
     lines += ["## Students", "",
-              f"All students: `{' / '.join(s['archs'])}` {s['kwargs'] or ''}, {s['epochs']} epochs, the same data, batch size and "
-              f"LR; seeds {s['seeds']}. The reported model is the last epoch's (no selection on the test set). "
-              f"Evaluation on {ev['n_samples']} test images (seeded, class-balanced, the same for every student): "
-              f"{', '.join(ev['attacks'])}.", "", "Mean ± standard deviation over seeds:", ""]
+              f"All students: `{' / '.join(s['archs'])}` {s['kwargs'] or ''}, {s['epochs']} epochs, the same data"
+              + (f" ({s['train_subset']} seeded class-balanced training images)" if s["train_subset"] else "")
+              + f", batch size and LR; seeds {s['seeds']}. The reported model is the last epoch's (no selection on "
+              f"the test set). Evaluation on {ev['n_samples']} test images (seeded, class-balanced, the same for every "
+              f"student): {', '.join(ev['attacks'])}"
+              + "".join(f"; {a} on a nested class-balanced {n} of them (the same for every student; its column is "
+                        f"over those {n})" for a, n in ev["attack_samples"].items()) + ".", "",
+              "Mean ± standard deviation over seeds:", ""]
     table = []
     for row in summary.itertuples():
         r = {"student": row.label, "teachers": row.teachers or "-", "seeds": row.seeds}

@@ -222,7 +222,8 @@ def _stage_students(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Map
                 "dataset": cfg["dataset"], "data_root": cfg["data_root"], "pool": str(pool_path),
                 "teachers": teachers, "epochs": s["epochs"], "batch_size": cfg["batch_size"], "lr": s["lr"],
                 "eps": cfg["eps_value"], "eval_samples": s["eval_samples"], "final_attacks": ev["attacks"],
-                "final_eval_samples": ev["n_samples"], "eval_seed": cfg["seed"], "seed": run["seed"],
+                "final_eval_samples": ev["n_samples"], "final_attack_samples": ev["attack_samples"],
+                "eval_seed": cfg["seed"], "seed": run["seed"],
                 "device": device,
             }
             train(config, run_dir, resume=(run_dir / "config.yaml").is_file(), dataset=train_ds,
@@ -287,7 +288,9 @@ def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None =
     pool_path = _stage_pool(cfg, out, train_ds, str(dev))
     matrix_dir = _stage_matrix(cfg, out, pool_path, ds, str(dev))
     rec = _stage_recommend(cfg, out, matrix_dir)
-    rows = _stage_students(cfg, out, pool_path, rec, train_ds, str(dev))
+    student_ds = train_ds if cfg["students"]["train_subset"] is None else \
+        ds.with_train_subset(cfg["students"]["train_subset"], cfg["seed"])
+    rows = _stage_students(cfg, out, pool_path, rec, student_ds, str(dev))
     students = pd.DataFrame(rows)
     atomic_write_text(out / "students.csv", students[STUDENT_COLUMNS].to_csv(index=False))
     atomic_write_text(out / "students_detail.csv", students.to_csv(index=False))
