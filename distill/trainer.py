@@ -97,6 +97,7 @@ __all__ = [
     "LR_SCHEDULES",
     "DEFAULT_FINAL_ATTACKS",
     "CHECKPOINT_NAME",
+    "peak_memory",
     "resolve_config",
     "read_config_file",
     "lr_factor",
@@ -649,6 +650,8 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
                 cfg.student, method.name, data.name, cfg.epochs, iters, cfg.batch_size, format_eps(cfg.eps),
                 ", ".join(teacher_models) or "none")
     stopped = False
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for epoch in range(start_epoch, cfg.epochs):
         if stop_after_epochs is not None and epoch - start_epoch >= stop_after_epochs:
             stopped = True
@@ -752,10 +755,37 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
         "last_epoch": history[-1] if history else None,
         "model_selection": "last epoch (no selection on the test set)",
         "seed": cfg.seed,
+        **peak_memory(device),
     }
     atomic_write_json(run_dir / "metrics.json", metrics)
-    logger.info("done: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics["accuracy"].items()))
+    logger.info("done: %s; peak memory %.0f MB (%s)", ", ".join(f"{k} {v:.4f}" for k, v in metrics["accuracy"].items()),
+                metrics["training"]["peak_memory_mb"], metrics["training"]["peak_memory_kind"])
     return TrainResult(run_dir, student, history, metrics, True, cfg)
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak memory so far: ``{"peak_memory_mb", "peak_memory_kind"}``.
+
+    On CUDA the most memory tensors held on ``device`` since the last reset (the trainer resets
+    it when training starts, so it covers training and the final evaluation); elsewhere the
+    process's peak resident set size (data and everything else included; Linux and macOS).
+
+    Example:
+        >>> peak_memory(torch.device("cpu"))["peak_memory_kind"]
+        'process peak RSS'
+    """
+    if device.type == "cuda":
+        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+                "peak_memory_kind": "cuda max allocated"}
+    try:
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        mb = rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+    except (ImportError, OSError):  # Windows
+        mb = float("nan")
+    return {"peak_memory_mb": round(mb, 1), "peak_memory_kind": "process peak RSS"}
 
 
 def _rank_seed(seed: int, rank: int, epoch: int = 0) -> int:

@@ -108,6 +108,8 @@ def test_run_directory_and_summary(data, tmp_path: Path) -> None:
     assert {"n", "eps", "accuracy", "worst_case", "flags", "settings", "training"} <= set(metrics)
     assert metrics["n"] == 8 and set(metrics["accuracy"]) == {"clean", "pgd5"}
     assert metrics["training"]["epochs"] == 2 and metrics["training"]["teachers"] == ["a", "b"]
+    # on CPU the process peak RSS: at least the 200+ MB torch itself takes
+    assert metrics["training"]["peak_memory_kind"] == "process peak RSS" and metrics["training"]["peak_memory_mb"] > 100
     assert json.loads((run / "eval_indices.json").read_text())["n"] == 8
     # the reported model is the last one: student.safetensors == the last checkpoint's student
     ckpt = safe_torch_load(run / "checkpoint.pt")
