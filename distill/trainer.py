@@ -635,8 +635,10 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
         logger.info("resuming %s after epoch %d of %d", run_dir, start_epoch, cfg.epochs)
     elif resume:
         logger.info("no checkpoint in %s; starting from the beginning", run_dir)
-    if cfg.compile:
+    if cfg.compile:  # in place (nn.Module.compile): state_dict keys and checkpoints are unchanged
         student.backbone.compile()
+        for model in teacher_models.values():
+            model.compile()
 
     eval_seed = _eval_seed(cfg)
     eval_idx = balanced_subset(data.y_test, cfg.eval_samples, seed=eval_seed) if cfg.eval_samples else \

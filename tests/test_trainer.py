@@ -219,3 +219,16 @@ def test_adamw_optimizer_trains_resumes_and_unknown_is_refused(data, tmp_path: P
     assert all("exp_avg_sq" in s for s in state.values())  # Adam moments, not SGD momentum
     with pytest.raises(UserError, match="unknown optimizer 'adam'; choose one of sgd, adamw"):
         resolve_config(_config(optimizer="adam"))
+
+
+def test_compile_compiles_the_student_and_every_teacher(data, tmp_path: Path, monkeypatch) -> None:
+    # inductor cannot run on every CPU box, so record the calls instead of compiling
+    compiled = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    teachers = _teachers()
+    result = train(_config(epochs=1, compile=True), tmp_path / "run", dataset=data, teachers=teachers)
+    assert result.completed
+    assert [id(m) for m in compiled] == [id(result.student.backbone), *(id(t) for t in teachers.values())]
+    compiled.clear()
+    train(_config(epochs=1), tmp_path / "plain", dataset=data, teachers=_teachers())
+    assert compiled == []
