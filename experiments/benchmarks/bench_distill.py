@@ -12,6 +12,11 @@ minute on 2 CPU cores; on a GPU pass ``--device cuda --width 64 --batch-size 256
 
 Run:
     python experiments/benchmarks/bench_distill.py [--device cpu] [--threads 2] [--repeats 7]
+        [--amp] [--channels-last] [--compile]
+
+``--amp`` (bf16 autocast), ``--channels-last`` and ``--compile`` switch on the trainer's options of
+the same names, so their effect on a step is one run each; the last line also gives the peak memory
+(CUDA: max allocated; CPU: the process's peak RSS).
 
 On a CPU shared with other jobs, OpenMP's spin-waiting makes multi-threaded timings erratic (a step
 can take 5x its usual time); run with ``OMP_WAIT_POLICY=PASSIVE`` or ``--threads 1`` there.
@@ -23,6 +28,7 @@ minima is also given, as it is less sensitive to other load on a shared machine)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import statistics
 import time
@@ -34,6 +40,7 @@ from distill.attacks import pgd_attack
 from distill.losses import darht_loss
 from distill.methods import FrozenTeachers, create_method
 from distill.student import build_student
+from distill.trainer import peak_memory
 from transfer_analysis.pool import PixelSpaceModel, create_timm_model
 from transfer_analysis.utils import resolve_device
 
@@ -65,6 +72,9 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--steps", type=int, default=10, help="PGD steps of the inner attack")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast around every part, as the trainer's --amp")
+    p.add_argument("--channels-last", action="store_true", help="channels_last student, teachers and batch")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student backbone and the teachers")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -80,7 +90,17 @@ def main(argv: list[str] | None = None) -> str:
     method.bind(frozen)
     method.on_epoch_start(epoch=1, epochs=2, lr=0.1, base_lr=0.1)  # the CE+KD phase: every term is computed
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    if args.channels_last:
+        student.to(memory_format=torch.channels_last)
+        for t in teachers.values():
+            t.to(memory_format=torch.channels_last)
+    if args.compile:
+        student.backbone.compile()
+        for t in teachers.values():
+            t.compile()
     x = torch.rand(n, 3, s, s, device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, c, (n,), device=device)
     student.train()
 
@@ -110,12 +130,18 @@ def main(argv: list[str] | None = None) -> str:
     # Interleave the measurements (round-robin) so that a noisy machine affects all of them alike.
     results: dict[str, list[float]] = {"step": [], "attack": [], "teachers": [], "update": []}
     fns = {"step": full_step, "attack": attack, "teachers": teacher_forwards, "update": update}
-    for _ in range(args.warmup):
-        for fn in fns.values():
-            fn()
-    for _ in range(args.repeats):
-        for name, fn in fns.items():
-            results[name].append(_time_ms(fn, device))
+    amp = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if args.amp else \
+        contextlib.nullcontext
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with amp():
+        for _ in range(args.warmup):
+            for fn in fns.values():
+                fn()
+        for _ in range(args.repeats):
+            for name, fn in fns.items():
+                results[name].append(_time_ms(fn, device))
+    memory = peak_memory(device)
     med = {name: statistics.median(v) for name, v in results.items()}
     best = {name: min(v) for name, v in results.items()}
     parts_sum = med["attack"] + med["teachers"] + med["update"]
@@ -126,7 +152,9 @@ def main(argv: list[str] | None = None) -> str:
     line = (f"bench_distill device={device} threads={args.threads} batch={n} image={s} K={k} width={args.width} "
             f"steps={args.steps} repeats={args.repeats}: step_ms={med['step']:.1f} attack_ms={med['attack']:.1f} "
             f"teachers_ms={med['teachers']:.1f} update_ms={med['update']:.1f} parts_sum_ms={parts_sum:.1f} "
-            f"ratio={ratio:.3f} ratio_of_minima={ratio_min:.3f} (aim <= 1.10)")
+            f"ratio={ratio:.3f} ratio_of_minima={ratio_min:.3f} (aim <= 1.10) amp={int(args.amp)} "
+            f"channels_last={int(args.channels_last)} compile={int(args.compile)} "
+            f"peak_memory_mb={memory['peak_memory_mb']} ({memory['peak_memory_kind']})")
     print(line)  # noqa: T201 - a script's result line
     return line
 
