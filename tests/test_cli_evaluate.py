@@ -86,6 +86,17 @@ def test_weights_with_arch_and_saved_indices(tmp_path, weights):
         json.loads((tmp_path / "m.indices.json").read_text())["indices"]
 
 
+def test_attack_samples_limit_one_attack(tmp_path, weights):
+    path, _ = weights
+    out = tmp_path / "m.json"
+    rc = _evaluate("--model", str(path), "--arch", "resnet18_cifar", "--model-kwargs", '{"width": 4}',
+                   "--attacks", "clean,fgsm,pgd5", "--attack-samples", "PGD5=8", "--n-samples", "16", "--out", str(out))
+    assert rc == 0
+    m = json.loads(out.read_text())
+    assert m["n_per_attack"] == {"clean": 16, "fgsm": 16, "pgd5": 8} and m["worst_case_n"] == 8
+    assert m["settings"]["attack_samples"] == {"pgd5": 8}
+
+
 @pytest.mark.parametrize("layout", ["pool file", "entry list"])
 def test_weights_with_the_pool_entry_beside_them(tmp_path, weights, layout):
     path, _ = weights
@@ -138,6 +149,8 @@ def test_run_directory_without_metadata_uses_config_yaml(tmp_path):
     (["--batch-size", "0"], "--batch-size must be a positive"),
     (["--model-kwargs", "{bad"], "--model-kwargs is not valid JSON"),
     (["--name", "a"], "give --pool"),
+    (["--attack-samples", "autoattack"], "--attack-samples takes ATTACK=N"),
+    (["--attack-samples", "pgd20=8"], "'pgd20', which is not among the attacks run"),
 ])
 def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, weights, capsys, extra, message):
     path, _ = weights

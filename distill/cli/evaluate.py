@@ -37,6 +37,24 @@ HELP = "Evaluate a model under white-box and black-box attacks (clean, FGSM, PGD
 logger = logging.getLogger("darht.evaluate")
 
 
+def parse_attack_samples(text: str | None) -> dict[str, int]:
+    """``"autoattack=200,cw=500"`` -> ``{"autoattack": 200, "cw": 500}`` (``None`` -> ``{}``).
+
+    Example:
+        >>> parse_attack_samples("autoattack=200")
+        {'autoattack': 200}
+    """
+    out: dict[str, int] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, count = item.partition("=")
+        if not sep or not name.strip() or not count.strip().isdigit():
+            raise UserError(f"--attack-samples takes ATTACK=N[,ATTACK=N] (e.g. autoattack=200), got {item.strip()!r}")
+        out[name.strip()] = int(count)
+    return out
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``darht evaluate`` (see CLI.md)."""
     src = p.add_argument_group("model")
@@ -57,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attacks", default="clean,fgsm,pgd20,cw,autoattack",
                    help="comma-separated: clean, fgsm, pgd20 (pgdN), cw (cwN), autoattack, autoattack-fast, "
                         "transfer:NAME (default: clean,fgsm,pgd20,cw,autoattack)")
+    p.add_argument("--attack-samples", default=None, metavar="ATTACK=N[,ATTACK=N]",
+                   help="run an expensive attack on a seeded class-balanced part of the samples only, e.g. "
+                        "autoattack=200 (nested when several; worst case and flags use the common part)")
     p.add_argument("--eps", default="8/255", help="L-inf radius, a number or a fraction (default 8/255)")
     p.add_argument("--batch-size", type=int, default=256, help="images per attack batch (default 256)")
     p.add_argument("--no-eps-sweep", action="store_true",
@@ -203,6 +224,11 @@ def run(args: argparse.Namespace) -> int:
     # Everything the user typed is checked before any work is done.
     attacks = parse_attacks(args.attacks)
     eps = parse_eps(args.eps)
+    attack_samples = parse_attack_samples(args.attack_samples)
+    for name in attack_samples:  # fail before any model is loaded
+        if (parse_attacks([name]) or [name])[0] not in attacks:
+            raise UserError(f"--attack-samples: attack samples given for {name!r}, which is not among the attacks run "
+                            f"({', '.join(attacks)})")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer, got {args.batch_size}")
     out = Path(args.out)
@@ -258,7 +284,8 @@ def run(args: argparse.Namespace) -> int:
     logger.info("evaluating %s on %d %s test images (eps %s)", described, len(y), args.dataset, format_eps(eps))
     metrics = evaluate_robustness(model, x, y, attacks=attacks, eps=eps, batch_size=args.batch_size,
                                   pool={s: pool[s] for s in sources}, seed=args.seed, device=device,
-                                  n_classes=ds.num_classes, check_eps_sweep=not args.no_eps_sweep)
+                                  n_classes=ds.num_classes, check_eps_sweep=not args.no_eps_sweep,
+                                  attack_samples=attack_samples, subset_seed=args.seed)
     indices_path = out.with_name(f"{out.stem}.indices.json")
     metrics["settings"].update({
         "model": described,
