@@ -23,10 +23,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ __all__ = [
     "build_student",
     "load_student",
     "save_student",
+    "data_parallel",
     "STUDENT_METADATA_KEY",
 ]
 
@@ -120,15 +122,70 @@ class Student(nn.Module):
         return self.backbone.model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.feature_map is None:
-            return self.backbone(x)
-        return self.feature_map(self.backbone(x))[0]
+        ddp = self._data_parallel()
+        return self._forward(x) if ddp is None else ddp(x)
 
     def forward_with_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Final logits ``(N, C)`` and the student-teacher map ``(N, K, C)``."""
         if self.feature_map is None:
             raise RuntimeError("this student has no student-teacher feature map; build it with num_teachers >= 1")
-        return self.feature_map(self.backbone(x))
+        ddp = self._data_parallel()
+        return self._forward(x, with_map=True) if ddp is None else ddp(x, with_map=True)
+
+    def _forward(self, x: torch.Tensor, with_map: bool = False) -> Any:
+        if self.feature_map is None:
+            return self.backbone(x)
+        out = self.feature_map(self.backbone(x))
+        return out if with_map else out[0]
+
+    def _data_parallel(self) -> nn.Module | None:
+        """The DDP wrapper that training forwards go through (see :func:`data_parallel`), else None.
+
+        Only forwards in train mode with gradients enabled take it: an attack's passes (eval mode,
+        gradients w.r.t. the input only) and no-grad forwards stay local, as DDP requires.
+        """
+        ddp = self.__dict__.get("_ddp")
+        return ddp if ddp is not None and self.training and torch.is_grad_enabled() else None
+
+
+class _DDPEntry(nn.Module):
+    """What DDP wraps: the student's own forward, so DDP's hooks see every training forward."""
+
+    def __init__(self, student: Student) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, x: torch.Tensor, with_map: bool = False) -> Any:
+        return self.student._forward(x, with_map=with_map)
+
+
+@contextlib.contextmanager
+def data_parallel(student: Student, device: torch.device) -> Iterator[nn.Module]:
+    """Inside the block, the student's training forwards run through ``DistributedDataParallel``.
+
+    DDP wraps the student only (teachers stay plain and frozen on every rank). A step may call the
+    student many times (attack passes, then one or two training forwards); only the training
+    forwards (train mode, gradients on) go through DDP, so ``loss.backward()`` averages the
+    gradients over the ranks in DDP's buckets and rank 0's buffers (batch-norm statistics) are
+    broadcast before each of them. The student's ``state_dict`` is unchanged (DDP is not a
+    submodule). ``find_unused_parameters`` is on for a student with a feature map, whose map
+    slices get no gradient in DARHT's CE phase. Needs an initialized process group.
+
+    Example (one process, gloo)::
+
+        with data_parallel(student, torch.device("cpu")):
+            loss = F.cross_entropy(student(x), y)   # through DDP
+            loss.backward()                          # gradients averaged over the ranks
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(_DDPEntry(student), device_ids=[device.index] if device.type == "cuda" else None,
+                                  broadcast_buffers=True, find_unused_parameters=student.has_map)
+    object.__setattr__(student, "_ddp", ddp)  # a plain attribute: not a submodule, no cycle in modules()
+    try:
+        yield ddp
+    finally:
+        student.__dict__.pop("_ddp", None)
 
 
 def _feature_dim(model: nn.Module, in_chans: int, probe_size: tuple[int, int]) -> int:

@@ -68,7 +68,7 @@ from torch import nn
 
 from distill.attacks import eval_mode, pgd_attack
 from distill.methods import FrozenTeachers, Method, create_method, get_method_class
-from distill.student import Student, build_student, save_student
+from distill.student import Student, build_student, data_parallel, save_student
 from transfer_analysis import distributed as dist_utils
 from transfer_analysis.data import ImageDataset, balanced_subset, load_dataset, save_indices
 from transfer_analysis.errors import UserError
@@ -528,12 +528,14 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
     Data-parallel (``world`` processes): ``batch_size`` is the global batch. Every rank draws the
     same global batch (and its augmentation) from the same seeded generator, as one process
     would, and trains on its strided slice ``[rank::world]``, which is what ``DistributedSampler``
-    gives (the generator's state carries the epoch); the student's gradients are averaged over the
-    ranks after each backward (DDP's all-reduce, done explicitly because methods call the student
-    several times per step: attacks, ``forward_with_map``) and rank 0's buffers (batch-norm statistics)
-    are broadcast before each step, as DDP does; teachers stay unwrapped and frozen on
-    every rank; the logged sums are all-reduced, so ``summary.csv`` holds what one process would
-    log up to floating point and the per-rank batch-norm statistics; rank 0 alone writes files and
+    gives (the generator's state carries the epoch); the student alone is wrapped in
+    ``DistributedDataParallel`` (:func:`distill.student.data_parallel`: its training forwards go
+    through DDP, its attack passes stay local), so each backward averages the gradients over the
+    ranks; rank 0's buffers (batch-norm statistics) are broadcast before each step (for the attack)
+    and, by DDP, before each training forward;
+    teachers stay unwrapped and frozen on every rank; the logged sums are all-reduced, so
+    ``summary.csv`` holds what one process would log up to floating point and the per-rank
+    batch-norm statistics; rank 0 alone writes files and
     runs the per-epoch and final evaluations. The checkpoint holds every rank's RNG states;
     resuming with another number of processes continues the same data order and schedule but
     re-seeds the per-rank random streams (a warning says so), so it is not bit-identical.
@@ -654,86 +656,91 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
     stopped = False
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for epoch in range(start_epoch, cfg.epochs):
-        if stop_after_epochs is not None and epoch - start_epoch >= stop_after_epochs:
-            stopped = True
-            break
-        t0 = time.perf_counter()
-        lr_now = float(optimizer.param_groups[0]["lr"])
-        method.on_epoch_start(epoch, cfg.epochs, lr_now, cfg.lr)
-        student.train()
-        sums: dict[str, torch.Tensor | float] = {}
-        loss_sum = 0.0
-        correct = 0
-        seen = 0
-        batches = data.batches("train", cfg.batch_size, shuffle=True, generator=generator, augment=augment,
-                               device=device, drop_last=True)
-        bar = progress(batches, total=iters, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        for batch_idx, (x, y) in enumerate(bar):
-            if world > 1:  # this rank's slice of the global batch (DistributedSampler's striding)
-                x, y = x[rank::world], y[rank::world]
-                dist_utils.broadcast_buffers(student)  # rank 0's BN statistics, as DDP does
-            x = _to_device_format(x, cfg.channels_last)
-            with _autocast(device, amp):
-                parts = method.step(student, x, y)
-            loss = parts["loss"]
-            # one device sync for both checks: sum(logits) * 0 is NaN exactly when a logit is NaN or Inf
-            loss_value, logits_probe = torch.stack([loss.detach().float(),
-                                                    parts["logits"].detach().float().sum() * 0]).tolist()
-            if not (math.isfinite(loss_value) and math.isfinite(logits_probe)):
-                what = f"loss ({loss_value})" if not math.isfinite(loss_value) else "logits (NaN or Inf)"
-                kept = (f"the checkpoint of epoch {len(history)} is kept in {ckpt_path}" if ckpt_path.is_file()
-                        else "no checkpoint was written yet")
-                raise NumericalFault(
-                    f"non-finite {what} at epoch {epoch + 1}, batch {batch_idx + 1} (method "
-                    f"{method.name}); {kept}; lower --lr, try --no-amp, then --resume")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+    parallel = contextlib.ExitStack()
+    if world > 1:  # DDP around the student only; built after any checkpoint is loaded
+        parallel.enter_context(data_parallel(student, device))
+    with parallel:
+        for epoch in range(start_epoch, cfg.epochs):
+            if stop_after_epochs is not None and epoch - start_epoch >= stop_after_epochs:
+                stopped = True
+                break
+            t0 = time.perf_counter()
+            lr_now = float(optimizer.param_groups[0]["lr"])
+            method.on_epoch_start(epoch, cfg.epochs, lr_now, cfg.lr)
+            student.train()
+            sums: dict[str, torch.Tensor | float] = {}
+            loss_sum = 0.0
+            correct = 0
+            seen = 0
+            batches = data.batches("train", cfg.batch_size, shuffle=True, generator=generator, augment=augment,
+                                   device=device, drop_last=True)
+            bar = progress(batches, total=iters, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+            for batch_idx, (x, y) in enumerate(bar):
+                if world > 1:  # this rank's slice of the global batch (DistributedSampler's striding)
+                    x, y = x[rank::world], y[rank::world]
+                    # DDP broadcasts rank 0's buffers before each training forward, but the attack's
+                    # passes come first: give them rank 0's batch-norm statistics too, so every rank
+                    # attacks the same model and a resumed run (rank 0's checkpoint) is bit-identical
+                    dist_utils.broadcast_buffers(student)
+                x = _to_device_format(x, cfg.channels_last)
+                with _autocast(device, amp):
+                    parts = method.step(student, x, y)
+                loss = parts["loss"]
+                # one device sync for both checks: sum(logits) * 0 is NaN exactly when a logit is NaN or Inf
+                loss_value, logits_probe = torch.stack([loss.detach().float(),
+                                                        parts["logits"].detach().float().sum() * 0]).tolist()
+                if not (math.isfinite(loss_value) and math.isfinite(logits_probe)):
+                    what = f"loss ({loss_value})" if not math.isfinite(loss_value) else "logits (NaN or Inf)"
+                    kept = (f"the checkpoint of epoch {len(history)} is kept in {ckpt_path}" if ckpt_path.is_file()
+                            else "no checkpoint was written yet")
+                    raise NumericalFault(
+                        f"non-finite {what} at epoch {epoch + 1}, batch {batch_idx + 1} (method "
+                        f"{method.name}); {kept}; lower --lr, try --no-amp, then --resume")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # under torchrun, DDP averages the gradients over the ranks here
+                optimizer.step()
+                scheduler.step()
+                n = len(y)
+                seen += n
+                loss_sum += loss_value * n
+                correct += int((parts["logits"].argmax(1) == y).sum())
+                for key, value in _scalar_parts(parts):
+                    sums[key] = sums.get(key, 0.0) + value * n
+                if hasattr(bar, "set_postfix") and batch_idx % 10 == 0:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}")
             if world > 1:
-                dist_utils.average_gradients(list(student.parameters()))
-            optimizer.step()
-            scheduler.step()
-            n = len(y)
-            seen += n
-            loss_sum += loss_value * n
-            correct += int((parts["logits"].argmax(1) == y).sum())
-            for key, value in _scalar_parts(parts):
-                sums[key] = sums.get(key, 0.0) + value * n
-            if hasattr(bar, "set_postfix") and batch_idx % 10 == 0:
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}")
-        if world > 1:
-            sums, loss_sum, correct, seen = _all_reduce_sums(sums, loss_sum, correct, seen)
-        clean_acc, pgd_acc = _evaluate_epoch(student, x_eval, y_eval, cfg, device, epoch) if main else \
-            (float("nan"), float("nan"))
-        row: dict[str, float] = {"epoch": epoch + 1, "lr": lr_now, "loss": loss_sum / seen}
-        for key, total in sums.items():
-            row[key] = float(total) / seen
-        row.update({"train_acc": correct / seen, "test_clean_acc": clean_acc, "test_pgd_acc": pgd_acc,
-                    "epoch_time_s": time.perf_counter() - t0})
-        history.append(row)
-        ckpt = {
-            "format": CHECKPOINT_FORMAT,
-            "epoch": epoch + 1,
-            "student": student.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "data_generator": generator.get_state(),
-            "rng": rng_state(),
-            "method": method.state_dict(),
-            "history": history,
-        }
-        if world > 1:
-            ckpt["world_size"] = world
-            ckpt["rng_ranks"] = dist_utils.all_gather_object(ckpt["rng"])
-        if main:
-            _write_summary(run_dir / "summary.csv", history)
-            atomic_torch_save(ckpt, ckpt_path)
-        del ckpt
-        dist_utils.barrier()  # the checkpoint is on disk before any rank goes on (or stops)
-        logger.info("epoch %d/%d: %s", epoch + 1, cfg.epochs,
-                    ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, row)
+                sums, loss_sum, correct, seen = _all_reduce_sums(sums, loss_sum, correct, seen)
+            clean_acc, pgd_acc = _evaluate_epoch(student, x_eval, y_eval, cfg, device, epoch) if main else \
+                (float("nan"), float("nan"))
+            row: dict[str, float] = {"epoch": epoch + 1, "lr": lr_now, "loss": loss_sum / seen}
+            for key, total in sums.items():
+                row[key] = float(total) / seen
+            row.update({"train_acc": correct / seen, "test_clean_acc": clean_acc, "test_pgd_acc": pgd_acc,
+                        "epoch_time_s": time.perf_counter() - t0})
+            history.append(row)
+            ckpt = {
+                "format": CHECKPOINT_FORMAT,
+                "epoch": epoch + 1,
+                "student": student.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "data_generator": generator.get_state(),
+                "rng": rng_state(),
+                "method": method.state_dict(),
+                "history": history,
+            }
+            if world > 1:
+                ckpt["world_size"] = world
+                ckpt["rng_ranks"] = dist_utils.all_gather_object(ckpt["rng"])
+            if main:
+                _write_summary(run_dir / "summary.csv", history)
+                atomic_torch_save(ckpt, ckpt_path)
+            del ckpt
+            dist_utils.barrier()  # the checkpoint is on disk before any rank goes on (or stops)
+            logger.info("epoch %d/%d: %s", epoch + 1, cfg.epochs,
+                        ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, row)
     if stopped:
         logger.info("stopped after epoch %d of %d; continue with --resume", len(history), cfg.epochs)
         return TrainResult(run_dir, student, history, None, False, cfg)

@@ -73,6 +73,34 @@ def test_distill_with_two_processes_matches_one(tmp_path: Path) -> None:
             assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-5), key
 
 
+def test_darht_with_two_processes_matches_one(tmp_path: Path, write_pool) -> None:
+    """DDP with the feature map: its slices get no gradient in the CE phase (unused parameters),
+    and the map goes through DDP in the CE+KD and KD phases; teachers stay plain on each rank."""
+    from distill.student import load_student
+
+    pool = write_pool([{"name": "cnn", **TINY_CNN}, {"name": "vit", **TINY_VIT}])
+    args = ["distill", "--method", "darht", "--pool", str(pool), "--teachers", "cnn,vit",
+            "--method-kwargs", '{"start": "zero", "steps": 1, "p_adv": 1.0, "phase_epochs": [1, 2]}',
+            "--student", "vit_tiny_patch16_224", "--student-kwargs", VIT_KWARGS, "--dataset", DATASET,
+            "--epochs", "3", "--batch-size", "32", "--lr", "0.05", "--eval-samples", "8", "--eval-pgd-steps", "1",
+            "--final-attacks", "clean", "--final-eval-samples", "8", "--device", "cpu", "--seed", "0"]
+    assert main([*args, "--out", str(tmp_path / "one"), "--log-level", "WARNING"]) == 0
+    _torchrun([*args, "--out", str(tmp_path / "two")], cwd=tmp_path)
+    one, two = load_student(tmp_path / "one"), load_student(tmp_path / "two")
+    assert one.has_map and one.num_teachers == 2
+    w1, w2 = one.state_dict(), two.state_dict()
+    for key, value in w1.items():
+        assert torch.allclose(w2[key], value, rtol=1e-4, atol=1e-6), key
+    r1, r2 = _rows(tmp_path / "one" / "summary.csv"), _rows(tmp_path / "two" / "summary.csv")
+    assert [float(r["kd"]) > 0 for r in r1] == [False, True, True]  # the three phases ran
+    # DARHT's teacher weights exp(-CE_k) use the batch-mean CE, so each rank weighs its half of the
+    # batch with its own weights: the KD term (and so the loss) differs slightly from one process
+    for a, b in zip(r1, r2):
+        assert float(b["ce"]) == pytest.approx(float(a["ce"]), rel=1e-5)
+        for key in ("loss", "kd"):
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-3, abs=1e-7), key
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

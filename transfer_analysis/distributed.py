@@ -35,7 +35,6 @@ __all__ = [
     "all_reduce_sum",
     "all_reduce_mean",
     "all_gather_object",
-    "average_gradients",
     "broadcast_buffers",
     "shard",
     "cleanup",
@@ -148,27 +147,6 @@ def all_gather_object(obj: T) -> list[T]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over the ranks, in one flat all-reduce (what DDP's reducer does).
-
-    A missing gradient counts as zero in the buffer and stays missing afterwards.
-    """
-    if not is_distributed():
-        return
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float()
-                      for p in params])
-    flat = all_reduce_mean(flat)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        if p.grad is not None:
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad).to(p.grad.dtype))
-        offset += n
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
