@@ -93,7 +93,8 @@ def train_teacher(arch: str, dataset: str | ImageDataset, out: str | os.PathLike
                   eps: float | str = 8 / 255, batch_size: int | None = None, lr: float | None = None,
                   name: str | None = None, family: str | None = None, method_kwargs: Mapping[str, Any] | None = None,
                   final_attacks: Sequence[str] = TEACHER_FINAL_ATTACKS, final_eval_samples: int | None = 1000,
-                  resume: bool = False, force: bool = False, **config: Any) -> PoolEntry:
+                  input_size: int | Sequence[int] | None = None, resume: bool = False, force: bool = False,
+                  **config: Any) -> PoolEntry:
     """Train a teacher and write ``W.safetensors``, ``W.yaml`` (pool entry) and ``W.run/``.
 
     Args:
@@ -103,6 +104,9 @@ def train_teacher(arch: str, dataset: str | ImageDataset, out: str | os.PathLike
         out: the weights file, ``*.safetensors``.
         method: ``standard``, ``fast-at``, ``pgd-at`` or ``trades``.
         model_kwargs: passed to ``timm.create_model``.
+        input_size: build the model for this input size and resize images to it inside the model
+            (the pool entry's ``input_size``), e.g. 32 for a ConvNeXt on 28x28 Fashion-MNIST, whose
+            stride-32 stem and stages leave nothing of a 28x28 image. Default: the data's size.
         epochs, eps, batch_size, lr: training settings (``None``: the method's reference protocol).
         name: the pool name (default: the file's stem). family: label (default: guessed from arch).
         method_kwargs: the method's hyperparameters (``steps``, ``beta``...).
@@ -133,7 +137,10 @@ def train_teacher(arch: str, dataset: str | ImageDataset, out: str | os.PathLike
     entry_name = name or weights.stem
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", entry_name):
         raise UserError(f"teacher name {entry_name!r} must use letters, digits, '_', '-' or '.'; pass --name")
-    cfg = TrainConfig(method=key, student=arch, dataset=dataset_name, student_kwargs=dict(model_kwargs or {}),
+    if model_kwargs and "input_size" in model_kwargs:
+        raise UserError("train_teacher: pass input_size as its own argument, not inside model_kwargs")
+    student_kwargs = {**dict(model_kwargs or {}), **({"input_size": input_size} if input_size is not None else {})}
+    cfg = TrainConfig(method=key, student=arch, dataset=dataset_name, student_kwargs=student_kwargs,
                       method_kwargs=dict(method_kwargs or {}), epochs=epochs, batch_size=batch_size, lr=lr, eps=eps,
                       final_attacks=list(final_attacks), final_eval_samples=final_eval_samples, **config)
     result = train(cfg, run_dir, resume=resume, force=force, dataset=dataset_obj)
@@ -149,7 +156,7 @@ def train_teacher(arch: str, dataset: str | ImageDataset, out: str | os.PathLike
     if notes:
         notes += f" on {metrics.get('n')} test images at eps {result.config.eps:.6g}; "
     notes += f"{result.config.epochs} epochs of {key} (run: {run_dir.name}/)"
-    image_size = spec["image_size"]
+    image_size = spec.get("input_size") or spec["image_size"]  # what the model itself takes
     entry = PoolEntry(
         name=entry_name,
         arch=arch,

@@ -53,6 +53,21 @@ def test_train_teacher_writes_weights_and_a_loadable_pool_entry(tmp_path: Path) 
     assert sorted(load_pool(pasted, 4, 1, 8)) == ["copy", "r18"]
 
 
+def test_train_teacher_input_size_resizes_inside_the_model(tmp_path: Path) -> None:
+    # a model built for 16x16 inputs, trained on 8x8 images: the pool entry records input_size 16
+    out = tmp_path / "big.safetensors"
+    assert main(["train-teacher", "--arch", "resnet18_cifar", "--model-kwargs", '{"width": 4}', "--dataset", DATA,
+                 "--epochs", "1", "--input-size", "16", "--out", str(out), "--final-attacks", "clean", *FAST]) == 0
+    entry = yaml.safe_load(out.with_suffix(".yaml").read_text())["models"][0]
+    assert entry["input_size"] == 16 and entry["kwargs"] == {"width": 4}
+    trained = load_student(tmp_path / "big.run")
+    assert trained.spec["input_size"] == [16, 16]
+    pool = load_pool(out.with_suffix(".yaml"), num_classes=4, in_chans=1, image_size=8)
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(pool["big"](x), trained(x), atol=1e-6)
+
+
 def test_train_teacher_user_errors(tmp_path: Path, capsys) -> None:
     base = ["train-teacher", "--arch", "resnet18_cifar", "--dataset", DATA, "--device", "cpu"]
     assert main([*base, "--method", "darht", "--out", str(tmp_path / "t.safetensors")]) == 2

@@ -169,10 +169,11 @@ def test_teachers_with_the_same_settings_get_their_own_seeds(tmp_path, monkeypat
     from distill.pipeline.runner import _stage_pool
     from transfer_analysis.pool import init_seed_for
 
-    seeds = {}
+    seeds, sizes = {}, {}
 
     def fake_train_teacher(arch, ds, weights, *, name, seed, **kw):
         seeds[name] = seed
+        sizes[name] = kw["input_size"]
         weights.parent.mkdir(parents=True, exist_ok=True)
         weights.write_bytes(b"")
         weights.with_suffix(".yaml").write_text(yaml.safe_dump({"models": [{
@@ -182,6 +183,8 @@ def test_teachers_with_the_same_settings_get_their_own_seeds(tmp_path, monkeypat
     cfg = validate_study_config(_with(pool=[
         {"name": n, "arch": "resnet18_cifar", "kwargs": {"width": 4}, "family": "cnn",
          "train": {"method": "standard", "epochs": 1}} for n in ("twin_a", "twin_b")]))
+    cfg["pool"][1]["input_size"] = 16
     _stage_pool(cfg, tmp_path, None, "cpu")
     assert seeds == {"twin_a": init_seed_for(0, "twin_a"), "twin_b": init_seed_for(0, "twin_b")}
+    assert sizes == {"twin_a": None, "twin_b": 16}  # the entry's input_size reaches the training
     assert seeds["twin_a"] != seeds["twin_b"]

@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--final-eval-samples", type=int, default=1000,
                    help="test images for the final evaluation (default 1000)")
     p.add_argument("--final-attacks", default="clean,pgd20", help="final evaluation attacks (default clean,pgd20)")
+    p.add_argument("--input-size", type=int, default=None, metavar="PX",
+                   help="build the model for PX x PX inputs and resize images to it inside the model (the pool "
+                        "entry's input_size), e.g. 32 for a ConvNeXt on 28x28 Fashion-MNIST (default: the data's size)")
     p.add_argument("--name", default=None, help="name of the pool entry (default: the file's stem)")
     p.add_argument("--family", default=None, help="family label of the pool entry (default: guessed from --arch)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         method_kwargs=common.parse_json_kwargs(args.method_kwargs, "--method-kwargs"),
         epochs=args.epochs, eps=args.eps, batch_size=args.batch_size, lr=args.lr, name=args.name,
         family=args.family, final_attacks=args.final_attacks.split(","),
-        final_eval_samples=args.final_eval_samples, resume=args.resume, force=args.force,
+        final_eval_samples=args.final_eval_samples, input_size=args.input_size, resume=args.resume, force=args.force,
         data_root=args.data_root, download=not args.no_download, weight_decay=args.weight_decay,
         lr_schedule=args.lr_schedule, optimizer=args.optimizer, eval_samples=args.eval_samples, amp=args.amp,
         channels_last=args.channels_last, compile=args.compile, seed=args.seed, device=args.device,

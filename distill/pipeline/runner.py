@@ -111,7 +111,7 @@ def _stage_pool(cfg: Mapping[str, Any], out: Path, train_ds: Any, device: str) -
                     resume=(weights.parent / f"{spec['name']}.run").is_dir(),
                     # each teacher's own seed: two entries with the same arch and training differ
                     seed=init_seed_for(cfg["seed"], spec["name"]), device=device,
-                    final_eval_samples=min(1000, cfg["matrix"]["n_samples"]))
+                    final_eval_samples=min(1000, cfg["matrix"]["n_samples"]), input_size=spec.get("input_size"))
                 _status("pool", f"{spec['name']}: done in {time.time() - t0:.0f} s")
             trained = yaml.safe_load(written.read_text())
             trained = trained["models"][0] if isinstance(trained, Mapping) and "models" in trained else trained
