@@ -179,8 +179,9 @@ def data_parallel(student: Student, device: torch.device) -> Iterator[nn.Module]
     """
     from torch.nn.parallel import DistributedDataParallel
 
+    # DDP's default syncs rank 0's buffers before each forward (the argument's name changed in torch 2.15)
     ddp = DistributedDataParallel(_DDPEntry(student), device_ids=[device.index] if device.type == "cuda" else None,
-                                  broadcast_buffers=True, find_unused_parameters=student.has_map)
+                                  find_unused_parameters=student.has_map)
     object.__setattr__(student, "_ddp", ddp)  # a plain attribute: not a submodule, no cycle in modules()
     try:
         yield ddp
