@@ -73,6 +73,7 @@ __all__ = [
     "robust_accuracy",
     "evaluate_robustness",
     "masking_flags",
+    "check_attack_samples",
     "noise_tolerance",
 ]
 
@@ -832,6 +833,37 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             "settings": settings, "diagnostics": diagnostics}
 
 
+def check_attack_samples(attack_samples: Mapping[str, int] | None, attacks: Sequence[str]) -> dict[str, int]:
+    """Validate an ``attack -> sample count`` mapping against the attacks run; canonical names.
+
+    The one check behind ``evaluate_robustness(attack_samples=...)``, ``final_attack_samples``,
+    ``darht evaluate --attack-samples`` and a study's ``evaluation.attack_samples``.
+
+    Example:
+        >>> check_attack_samples({"AutoAttack": 200}, ["clean", "pgd20", "autoattack"])
+        {'autoattack': 200}
+    """
+    if attack_samples is None:
+        return {}
+    if not isinstance(attack_samples, Mapping):
+        raise UserError("attack samples: expected a mapping that maps attack names to sample counts "
+                        f"(e.g. {{'autoattack': 200}}), got {attack_samples!r}")
+    canonical = parse_attacks(attacks)
+    out: dict[str, int] = {}
+    for key, value in attack_samples.items():
+        parsed = parse_attacks([key])
+        name = parsed[0] if parsed else key
+        if name == "clean":
+            raise UserError("clean accuracy is always measured on every sample; attack samples cannot limit it")
+        if name not in canonical:
+            raise UserError(f"attack samples given for {key!r}, which is not among the attacks run "
+                            f"({', '.join(canonical)})")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise UserError(f"attack samples for {key!r} must be a positive integer, got {value!r}")
+        out[name] = value
+    return out
+
+
 def _attack_subsets(attack_samples: Mapping[str, int] | None, names: Sequence[str], y: torch.Tensor,
                     seed: int) -> dict[str, torch.Tensor]:
     """attack -> positions in ``y`` (sorted) for the attacks limited to fewer samples than ``y`` has.
@@ -841,19 +873,7 @@ def _attack_subsets(attack_samples: Mapping[str, int] | None, names: Sequence[st
     """
     from transfer_analysis.data import balanced_subset
 
-    limits: dict[str, int] = {}
-    for key, value in (attack_samples or {}).items():
-        parsed = parse_attacks([key])
-        name = parsed[0] if parsed else key
-        if name not in names:
-            raise UserError(f"attack samples given for {key!r}, which is not among the attacks run "
-                            f"({', '.join(names)})")
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise UserError(f"attack samples for {key!r} must be a positive integer, got {value!r}")
-        if name == "clean":
-            raise UserError("clean accuracy is always measured on every sample; attack samples cannot limit it")
-        if value < len(y):
-            limits[name] = value
+    limits = {name: m for name, m in check_attack_samples(attack_samples, names).items() if m < len(y)}
     subsets: dict[str, torch.Tensor] = {}
     pool = torch.arange(len(y))
     for name, m in sorted(limits.items(), key=lambda kv: -kv[1]):

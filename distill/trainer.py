@@ -299,19 +299,13 @@ def resolve_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
         data["eval_batch_size"] = _as_int(data["eval_batch_size"], "eval_batch_size", 1)
     if data.get("final_eval_samples") is not None:
         data["final_eval_samples"] = _as_int(data["final_eval_samples"], "final_eval_samples", 1)
-    from distill.evaluation import parse_attacks
+    from distill.evaluation import check_attack_samples, parse_attacks
 
     data["final_attacks"] = parse_attacks(data.get("final_attacks") or list(DEFAULT_FINAL_ATTACKS))
-    limits = data.get("final_attack_samples") or {}
-    if not isinstance(limits, Mapping):
-        raise UserError(f"final_attack_samples maps attack names to sample counts, got {limits!r}")
-    data["final_attack_samples"] = {}
-    for key, value in limits.items():
-        parsed = parse_attacks([key])
-        if not parsed or parsed[0] not in data["final_attacks"] or parsed[0] == "clean":
-            raise UserError(f"final_attack_samples: {key!r} is not one of the final attacks other than clean "
-                            f"({', '.join(data['final_attacks'])})")
-        data["final_attack_samples"][parsed[0]] = _as_int(value, f"final_attack_samples.{key}", 1)
+    try:
+        data["final_attack_samples"] = check_attack_samples(data.get("final_attack_samples"), data["final_attacks"])
+    except UserError as err:
+        raise UserError(f"final_attack_samples: {err}") from None
     for key in ("download", "nesterov", "augment", "normalize", "final_check_eps_sweep", "amp", "channels_last",
                 "compile"):
         if key in data:

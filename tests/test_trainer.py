@@ -69,9 +69,10 @@ def test_resolve_config_uses_the_method_protocol_and_validates() -> None:
     base = {"method": "darht", "student": "s", "dataset": "d", "final_attacks": "clean,pgd20,autoattack"}
     assert resolve_config({**base, "final_attack_samples": {"AutoAttack": 200}}).final_attack_samples == \
         {"autoattack": 200}
-    for bad, match in [({"cw": 5}, "not one of the final attacks"), ({"clean": 5}, "not one of the final attacks"),
-                       ({"pgd20": 0}, "final_attack_samples.pgd20 must be an integer >= 1"),
-                       ([5], "maps attack names to sample counts")]:
+    for bad, match in [({"cw": 5}, "final_attack_samples: .*'cw', which is not among the attacks run"),
+                       ({"clean": 5}, "final_attack_samples: clean accuracy is always measured"),
+                       ({"pgd20": 0}, "final_attack_samples: .*'pgd20' must be a positive integer"),
+                       ([5], "final_attack_samples: .*maps attack names to sample counts")]:
         with pytest.raises(UserError, match=match):
             resolve_config({**base, "final_attack_samples": bad})
 

@@ -216,7 +216,7 @@ def _check_out(out: Path, force: bool = False) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distill.evaluation import attack_kind, evaluate_robustness, parse_attacks
+    from distill.evaluation import attack_kind, check_attack_samples, evaluate_robustness, parse_attacks
     from transfer_analysis.data import balanced_subset, load_dataset, load_indices, save_indices
     from transfer_analysis.pool import load_pool
     from transfer_analysis.utils import atomic_write_json, format_eps, parse_eps, resolve_device, seed_everything
@@ -224,11 +224,8 @@ def run(args: argparse.Namespace) -> int:
     # Everything the user typed is checked before any work is done.
     attacks = parse_attacks(args.attacks)
     eps = parse_eps(args.eps)
-    attack_samples = parse_attack_samples(args.attack_samples)
-    for name in attack_samples:  # fail before any model is loaded
-        if (parse_attacks([name]) or [name])[0] not in attacks:
-            raise UserError(f"--attack-samples: attack samples given for {name!r}, which is not among the attacks run "
-                            f"({', '.join(attacks)})")
+    # checked here, before any model is loaded
+    attack_samples = check_attack_samples(parse_attack_samples(args.attack_samples), ["clean", *attacks])
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer, got {args.batch_size}")
     out = Path(args.out)

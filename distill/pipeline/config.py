@@ -227,15 +227,15 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
     _positive_int(ev["n_samples"], f"{source}: evaluation.n_samples")
     if not isinstance(ev["attacks"], list) or not ev["attacks"]:
         raise UserError(f"{source}: evaluation.attacks must be a non-empty list")
-    limits = ev["attack_samples"] if ev["attack_samples"] is not None else {}
-    if not isinstance(limits, Mapping):
-        raise UserError(f"{source}: evaluation.attack_samples maps attacks to sample counts, e.g. {{autoattack: 200}}")
-    for attack, count in limits.items():
-        if attack not in ev["attacks"] or attack == "clean":
-            raise UserError(f"{source}: evaluation.attack_samples: {attack!r} is not one of evaluation.attacks "
-                            f"other than clean ({', '.join(map(str, ev['attacks']))})")
-        _positive_int(count, f"{source}: evaluation.attack_samples.{attack}")
-    ev["attack_samples"] = dict(limits)
+    if ev["attack_samples"]:
+        from distill.evaluation import check_attack_samples, parse_attacks
+
+        attacks = ["clean", *parse_attacks(ev["attacks"])]
+        try:
+            ev["attack_samples"] = check_attack_samples(ev["attack_samples"], attacks)
+        except UserError as err:
+            raise UserError(f"{source}: evaluation.attack_samples: {err}") from None
+    ev["attack_samples"] = dict(ev["attack_samples"] or {})
     return cfg
 
 
