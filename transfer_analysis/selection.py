@@ -1049,7 +1049,8 @@ def _prepare(matrix: pd.DataFrame | str | os.PathLike, k: int, objective: Object
     m = m.loc[names, names]
     attrs = _attributes(names, models)
     T = m.to_numpy(dtype=float)
-    S = np.maximum(T, T.T) if pair is PairRule.MAX else (T + T.T) / 2.0
+    # the one pair-score rule (an empty direction defers to the other), shared with the graph and the JSON
+    S = pair_scores(m, pair).to_numpy(dtype=float, copy=True)
     np.fill_diagonal(S, 0.0)
 
     def col(key: str) -> np.ndarray:

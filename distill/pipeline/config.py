@@ -42,6 +42,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import os
 from collections.abc import Mapping
@@ -52,9 +53,24 @@ from transfer_analysis.errors import UserError
 from transfer_analysis.pool import parse_pool_entries
 from transfer_analysis.utils import parse_eps, read_yaml
 
-__all__ = ["TEACHER_SETS", "DEFAULTS", "load_study_config", "validate_study_config", "student_runs", "describe_plan"]
+__all__ = ["TEACHER_SETS", "NAMED_SETS", "DEFAULTS", "TRAINING_DEFAULTS", "PROTOCOL_KEYS", "load_study_config",
+           "validate_study_config", "student_runs", "student_train_config", "describe_plan"]
 
-TEACHER_SETS = ("low-transfer", "high-transfer", "homogeneous", "single", "none", "custom")
+TEACHER_SETS = ("low-transfer", "high-transfer", "homogeneous", "single", "none", "custom", "sampled")
+#: the teacher sets a study names (everything but ``sampled`` and ``custom``); sampled sets never repeat them
+NAMED_SETS = ("low-transfer", "high-transfer", "homogeneous")
+
+#: ``training:``, the one protocol every student of a study runs (overrides the methods' reference
+#: defaults). ``None``: required. ``kl_reduction`` applies to every method with a KL ``reduction``
+#: option (ARD, RSLAD, MTARD, KD); ``null`` keeps each method's own.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "epochs": None, "lr": None, "weight_decay": None, "milestones": None, "batch_size": None,
+    "momentum": 0.9, "optimizer": "sgd", "lr_schedule": "step", "gamma": 0.1, "nesterov": False,
+    "warmup_epochs": 0.0, "kl_reduction": None,
+}
+#: the protocol keys a study reports for every student (``set_study.csv`` columns and the report's table)
+PROTOCOL_KEYS = ("epochs", "lr", "lr_schedule", "milestones", "gamma", "weight_decay", "batch_size", "momentum",
+                 "optimizer")
 
 DEFAULTS: dict[str, Any] = {
     "study": None,
@@ -66,6 +82,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 128,
     "train_subset": None,
     "pool": [],
+    "training": None,
     "teacher_training": {"method": "pgd-at", "epochs": 10, "lr": 0.1},
     "matrix": {"n_samples": 1000, "attack": "pgd", "steps": 10, "step_size": None, "batch_size": 256},
     "recommend": {"k": 3, "objective": "minimax", "pair": "max", "high_objective": "mean"},
@@ -182,7 +199,7 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
         where = f"{source}: students.runs #{i + 1}"
         if not isinstance(run, Mapping):
             raise UserError(f"{where} must be a mapping with method and teacher_set")
-        _check_keys(run, {"method", "teacher_set", "family", "teachers", "label", "kwargs"}, where)
+        _check_keys(run, {"method", "teacher_set", "family", "teachers", "label", "kwargs", "n_sets", "attacks"}, where)
         method = run.get("method")
         if method not in _NEEDS:
             close = difflib.get_close_matches(str(method), list(_NEEDS), n=1)
@@ -211,10 +228,36 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
             missing = [t for t in teachers if t not in names]
             if missing:
                 raise UserError(f"{where}: teachers {', '.join(map(str, missing))} are not in the pool")
-        runs.append({"method": method, "teacher_set": tset, "family": run.get("family"),
-                     "teachers": run.get("teachers"), "kwargs": dict(run.get("kwargs") or {}),
-                     "label": run.get("label") or (f"{method}-{tset}" + (f"-{run['family']}" if run.get("family")
-                                                                          and tset == "homogeneous" else ""))})
+        attacks = run.get("attacks")
+        if attacks is not None:
+            from distill.evaluation import parse_attacks
+
+            if not isinstance(attacks, list) or not attacks:
+                raise UserError(f"{where}: attacks must be a non-empty list (it replaces evaluation.attacks "
+                                "for this run)")
+            try:
+                attacks = parse_attacks(attacks)
+            except UserError as err:
+                raise UserError(f"{where}: attacks: {err}") from None
+        if not isinstance(run.get("kwargs") or {}, Mapping):
+            raise UserError(f"{where}: kwargs must be a mapping of the method's options")
+        base = {"method": method, "teacher_set": tset, "family": run.get("family"),
+                "teachers": run.get("teachers"), "kwargs": dict(run.get("kwargs") or {}), "attacks": attacks,
+                "sample_index": None,
+                "label": run.get("label") or (f"{method}-{tset}" + (f"-{run['family']}" if run.get("family")
+                                                                     and tset == "homogeneous" else ""))}
+        if tset == "sampled":
+            if _NEEDS[method] != "set":
+                raise UserError(f"{where}: teacher_set sampled draws sets of k teachers: only for darht")
+            if any(r_["teacher_set"] == "sampled" for r_ in runs):
+                raise UserError(f"{where}: only one run may use teacher_set sampled (raise its n_sets instead)")
+            n_sets = _positive_int(run.get("n_sets"), f"{where}: n_sets (how many sets to draw)")
+            width = len(str(n_sets))
+            runs += [{**base, "sample_index": j, "label": f"{base['label']}-{j + 1:0{width}d}"} for j in range(n_sets)]
+        else:
+            if run.get("n_sets") is not None:
+                raise UserError(f"{where}: n_sets is for teacher_set sampled only")
+            runs.append(base)
     labels = [r_["label"] for r_ in runs]
     dup = sorted({lab for lab in labels if labels.count(lab) > 1})
     if dup:
@@ -222,6 +265,7 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
     s["runs"] = runs
 
     _positive_int(s["train_subset"], f"{source}: students.train_subset", allow_none=True)
+    cfg["training"] = _training_protocol(raw, cfg, source)
 
     ev = cfg["evaluation"]
     _positive_int(ev["n_samples"], f"{source}: evaluation.n_samples")
@@ -236,7 +280,103 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
         except UserError as err:
             raise UserError(f"{source}: evaluation.attack_samples: {err}") from None
     ev["attack_samples"] = dict(ev["attack_samples"] or {})
+    _check_student_configs(cfg, source)
     return cfg
+
+
+def _training_protocol(raw: Mapping[str, Any], cfg: dict[str, Any], source: str) -> dict[str, Any] | None:
+    """The study's ``training:`` section, filled and checked (``None`` when the study has none).
+
+    With it, ``students.epochs``/``students.lr`` may not be set too (one place for the protocol);
+    ``students.epochs``/``lr`` are then mirrored from it for the plan.
+    """
+    given = raw.get("training")
+    if given is None:
+        return None
+    tr = _merge(TRAINING_DEFAULTS, given, f"{source}: training")
+    for key in ("epochs", "lr", "weight_decay"):
+        if tr[key] is None:
+            raise UserError(f"{source}: training.{key} is required (training: is the protocol every student runs)")
+    if tr["lr_schedule"] == "step" and tr["milestones"] is None:
+        raise UserError(f"{source}: training.milestones is required with lr_schedule step (fractions of training, "
+                        "e.g. [0.5, 0.75])")
+    if tr["milestones"] is None:
+        tr["milestones"] = []
+    if tr["batch_size"] is None:
+        tr["batch_size"] = cfg["batch_size"]
+    if tr["kl_reduction"] not in (None, "batchmean", "mean"):
+        raise UserError(f"{source}: training.kl_reduction must be batchmean, mean or null (each method's own), "
+                        f"got {tr['kl_reduction']!r}")
+    students = raw.get("students") or {}
+    for key in ("epochs", "lr"):
+        if isinstance(students, Mapping) and key in students:
+            raise UserError(f"{source}: students.{key} and training: both set; the study's protocol is training:, "
+                            f"drop students.{key}")
+    cfg["students"]["epochs"], cfg["students"]["lr"] = tr["epochs"], tr["lr"]
+    return tr
+
+
+def student_train_config(cfg: Mapping[str, Any], run: Mapping[str, Any], teachers: list[str],
+                         pool: str | None = None, device: str = "cpu") -> dict[str, Any]:
+    """The ``darht distill`` configuration of one student of a study: the one place that applies the
+    study's protocol (``training:``, else ``students.epochs``/``lr`` and the methods' reference
+    defaults), the method's hyperparameters and the student's evaluation.
+
+    Example:
+        >>> cfg = validate_study_config({"dataset": "synthetic", "pool": [
+        ...     {"name": "a", "arch": "resnet18_cifar", "train": {"epochs": 1}},
+        ...     {"name": "b", "arch": "resnet18_cifar", "train": {"epochs": 1}}],
+        ...     "recommend": {"k": 2}, "training": {"epochs": 4, "lr": 0.05, "weight_decay": 5e-4,
+        ...     "milestones": [0.5], "kl_reduction": "batchmean"}, "students": {"arch": "resnet18_cifar",
+        ...     "runs": [{"method": "ard", "teacher_set": "single"}]}})
+        >>> c = student_train_config(cfg, student_runs(cfg)[0], ["a"])
+        >>> c["epochs"], c["milestones"], c["weight_decay"], c["method_kwargs"]
+        (4, [0.5], 0.0005, {'reduction': 'batchmean'})
+    """
+    from distill.methods import get_method_class
+
+    s, ev = cfg["students"], cfg["evaluation"]
+    attacks = list(run.get("attacks") or ev["attacks"])
+    method_kwargs = {**(s["method_kwargs"].get(run["method"]) or {}), **run["kwargs"]}
+    config: dict[str, Any] = {
+        "method": run["method"], "student": run["arch"], "student_kwargs": dict(s["kwargs"]),
+        "dataset": cfg["dataset"], "data_root": cfg["data_root"], "pool": pool, "teachers": list(teachers),
+        "eps": cfg["eps_value"], "eval_samples": s["eval_samples"], "final_attacks": attacks,
+        "final_eval_samples": ev["n_samples"],
+        "final_attack_samples": {a: n for a, n in ev["attack_samples"].items() if a in attacks},
+        "eval_seed": cfg["seed"], "seed": run["seed"], "device": device,
+    }
+    tr = cfg.get("training")
+    if tr is None:
+        config.update(epochs=s["epochs"], lr=s["lr"], batch_size=cfg["batch_size"])
+    else:
+        config.update({k: tr[k] for k in ("epochs", "lr", "weight_decay", "milestones", "batch_size", "momentum",
+                                           "optimizer", "lr_schedule", "gamma", "nesterov", "warmup_epochs")})
+        fields = {f.name for f in dataclasses.fields(get_method_class(run["method"]))}
+        if tr["kl_reduction"] is not None and "reduction" in fields and "reduction" not in method_kwargs:
+            method_kwargs["reduction"] = tr["kl_reduction"]
+    config["method_kwargs"] = method_kwargs
+    return config
+
+
+def _check_student_configs(cfg: Mapping[str, Any], source: str) -> None:
+    """Resolve every student's training configuration and method (what a run would do first), so a
+    bad value anywhere (``lr: abc``, an unknown method option) is refused before any work."""
+    from distill.methods import create_method
+    from distill.trainer import resolve_config
+
+    seen = set()
+    for run in student_runs(cfg):
+        key = (run["method"], run["label"].rsplit("-", 1)[0] if run["teacher_set"] == "sampled" else run["label"])
+        if key in seen:
+            continue
+        seen.add(key)
+        conf = student_train_config(cfg, run, [])
+        try:
+            resolved = resolve_config(conf)
+            create_method(resolved.method, eps=resolved.eps, **resolved.method_kwargs)
+        except UserError as err:
+            raise UserError(f"{source}: students.runs {run['label']!r}: {err}") from None
 
 
 def load_study_config(path: str | os.PathLike) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import pandas as pd
 
 from transfer_analysis.utils import atomic_write, atomic_write_text
 
-__all__ = ["write_report", "summarize_students", "plot_robustness_vs_accuracy", "plot_training_curves"]
+__all__ = ["write_report", "summarize_students", "protocol_lines", "plot_robustness_vs_accuracy", "plot_training_curves"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +143,96 @@ def _atomic_copy(src: Path, dst: Path) -> None:
         fh.write(src.read_bytes())
 
 
+def _pfmt(v: Any) -> str:
+    """A protocol value as written (``5e-04`` stays readable: no rounding to 3 decimals)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+_PROTOCOL_COLUMNS = ["epochs", "lr", "lr_schedule", "milestones", "gamma", "weight_decay", "batch_size", "momentum",
+                     "optimizer"]
+
+
+def protocol_lines(students: pd.DataFrame) -> list[str]:
+    """The training protocol, printed once, and every student that differs from it (from what each run
+    recorded in its ``config.yaml``, not from the study config).
+
+    Example:
+        >>> df = pd.DataFrame({"id": ["a-s0", "b-s0"], "method": ["ard", "pgd-at"], "epochs": [10, 10],
+        ...                    "lr": [0.1, 0.1], "kl_reduction": ["batchmean", ""]})
+        >>> protocol_lines(df)[2]
+        '| 10 | 0.1 |'
+    """
+    cols = [c for c in _PROTOCOL_COLUMNS if c in students.columns]
+    if not cols:
+        return []
+    keys = students[cols].astype(str).agg(" | ".join, axis=1)
+    common = keys.mode().iloc[0]
+    ref = students[keys == common].iloc[0]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
+             "| " + " | ".join(_pfmt(ref[c]) for c in cols) + " |", ""]
+    odd = students[keys != common]
+    if len(odd):
+        lines.append("Students that ran a different protocol (not comparable with the rest):")
+        for r in odd.to_dict("records"):
+            diff = ", ".join(f"{c} {_pfmt(r[c])} (not {_pfmt(ref[c])})" for c in cols if str(r[c]) != str(ref[c]))
+            lines.append(f"- {r['id']}: {diff}")
+    else:
+        lines.append(f"Every one of the {len(students)} students ran exactly this protocol (read back from each "
+                     "run's `config.yaml`).")
+    if "kl_reduction" in students.columns:
+        kl = {m: sorted({str(v) for v in g["kl_reduction"] if str(v) not in ("", "nan", "None")})
+              for m, g in students.groupby("method")}
+        kl = {m: v for m, v in kl.items() if v}
+        if kl:
+            lines.append("KL reduction of the KL-based methods: " + "; ".join(f"{m} {', '.join(v)}"
+                                                                              for m, v in sorted(kl.items()))
+                         + " (`batchmean`: the true KL; `mean`: the true KL divided by the number of classes).")
+    return lines
+
+
+def _claim_lines(claim: Mapping[str, Any], out: Path) -> list[str]:
+    lines = ["## The claim: do lower-transfer teacher sets give more robust students?", "",
+             f"**Verdict: {claim['verdict']}.** {claim['statement']}", "",
+             f"Over {claim['n_sets']} teacher sets ({claim['n_students']} converged DARHT students; per-set means "
+             f"over seeds). Bootstrap: {claim['bootstrap']['resamples']} resamples of the sets, percentile 95% CI. "
+             "The claim predicts a negative rho. `partial_*`: controlling for the set's mean teacher white-box "
+             "robust accuracy. Files: `claim.json`, `set_study.csv` (one row per student), `claim_sets.csv`.", "",
+             "| test | rho | 95% CI | p | sets |", "|---|---|---|---|---|"]
+    for key, v in claim.items():
+        if isinstance(v, Mapping) and "rho" in v:
+            def ok(x: Any) -> bool:
+                return x is not None and not math.isnan(x)
+
+            rho = f"{v['rho']:+.2f}" if ok(v["rho"]) else "-"
+            ci = f"{v['ci_low']:+.2f} to {v['ci_high']:+.2f}" if ok(v["ci_low"]) else "-"
+            p_value = f"{v['p_value']:.3f}" if ok(v["p_value"]) else "-"
+            lines.append(f"| {key} | {rho} | {ci} | {p_value} | {v['n_sets']} |")
+    if claim["not_converged"]:
+        lines += ["", "Left out as not converged (" + claim["convergence_rule"] + "): "
+                  + ", ".join(claim["not_converged"]) + "."]
+    if (out / "claim.png").is_file():
+        lines += ["", "![set score vs student robustness](claim.png)"]
+    sets_csv = out / "claim_sets.csv"
+    if sets_csv.is_file():
+        sets = pd.read_csv(sets_csv)
+        if len(sets):
+            show = pd.DataFrame({
+                "set": sets["set_id"], "teachers": sets["teachers"], "max pair": sets["max_pair"],
+                "mean pair": sets["mean_pair"], "teacher robust acc": sets["mean_teacher_robust_acc"],
+                "seeds": sets["n_seeds"],
+                "pgd20": [f"{m:.3f} ± {s:.3f}" if not math.isnan(s) else f"{m:.3f}"
+                          for m, s in zip(sets["pgd20_mean"], sets["pgd20_std"])],
+                "cw": [f"{m:.3f} ± {s:.3f}" if not math.isnan(s) else f"{m:.3f}"
+                       for m, s in zip(sets["cw_mean"], sets["cw_std"])]})
+            lines += ["", "Teacher sets, sorted by max pair score:", "",
+                      _table(show.sort_values("max pair").reset_index(drop=True))]
+    return lines + [""]
+
+
 def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], students: pd.DataFrame,
-                 command: Sequence[str]) -> Path:
+                 command: Sequence[str], claim: Mapping[str, Any] | None = None) -> Path:
     """Write ``report.md`` (and the PNG/CSV files it shows) into ``out``."""
     import shlex
 
@@ -218,15 +306,34 @@ def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stud
     # students
     s = cfg["students"]
     ev = cfg["evaluation"]
+    per_run_attacks = sorted({a for r_ in s["runs"] for a in (r_.get("attacks") or [])})
     lines += ["## Students", "",
-              f"All students: `{' / '.join(s['archs'])}` {s['kwargs'] or ''}, {s['epochs']} epochs, the same data"
+              f"All students: `{' / '.join(s['archs'])}` {s['kwargs'] or ''}, the same data"
               + (f" ({s['train_subset']} seeded class-balanced training images)" if s["train_subset"] else "")
-              + f", batch size and LR; seeds {s['seeds']}. The reported model is the last epoch's (no selection on "
+              + f"; seeds {s['seeds']}. The reported model is the last epoch's (no selection on "
               f"the test set). Evaluation on {ev['n_samples']} test images (seeded, class-balanced, the same for every "
               f"student): {', '.join(ev['attacks'])}"
-              + "".join(f"; {a} on a nested class-balanced {n} of them (the same for every student; its column is "
-                        f"over those {n})" for a, n in ev["attack_samples"].items()) + ".", "",
-              "Mean ± standard deviation over seeds:", ""]
+              + "".join(f"; {a} on a nested class-balanced {n} of them (the same for every student that runs it; its "
+                        f"column is over those {n})" for a, n in ev["attack_samples"].items()) + "."
+              + (" Runs with their own attack list: " + "; ".join(f"{r_['label']}: {', '.join(r_['attacks'])}"
+                                                                  for r_ in s["runs"] if r_.get("attacks"))
+                 + "." if per_run_attacks else ""), "",
+              "Training protocol" + (" (the study's `training:` section, overriding each method's reference "
+                                     "defaults)" if cfg.get("training") else
+                                     " (each method's reference defaults scaled to the study's epochs)") + ":", ""]
+    lines += protocol_lines(students) + [""]
+    unconverged = set()
+    if "converged" in students.columns:
+        bad = students[~students["converged"].astype(bool)]
+        unconverged = set(bad["label"])
+        if len(bad):
+            lines += [f"**Not converged** (test PGD accuracy moved by 3 points or more over the last two epochs; "
+                      "no conclusion below is drawn from these labels): "
+                      + ", ".join(f"{r.id} ({_fmt(r.pgd_change_last_epochs)})" for r in bad.itertuples()) + ".", ""]
+        else:
+            lines += ["Every student converged (test PGD accuracy moved by less than 3 points over its last two "
+                      "epochs).", ""]
+    lines += ["Mean ± standard deviation over seeds:", ""]
     table = []
     for row in summary.itertuples():
         r = {"student": row.label, "teachers": row.teachers or "-", "seeds": row.seeds}
@@ -254,8 +361,10 @@ def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stud
             statements.append("- Weak pool models (clean accuracy below 0.5): " + ", ".join(weak) + ". Transfer rates "
                               "to and from them rest on few images (see `n` in `transfer_long.csv`), and a set that "
                               "contains them may be low-transfer because they are weak, not because they are diverse.")
-    anchor = "darht-low-transfer" if "darht-low-transfer" in labels else None
-    others = [lab for lab in labels if lab != anchor]
+    anchor = "darht-low-transfer" if "darht-low-transfer" in labels and "darht-low-transfer" not in unconverged \
+        else None
+    others = [lab for lab in labels if lab != anchor and lab not in unconverged
+              and not summary.set_index("label").loc[lab, "teacher_set"] == "sampled"]
     if anchor and others:
         for other in [lab for lab in others if lab.startswith("darht-")] + \
                 [lab for lab in others if not lab.startswith("darht-")]:
@@ -264,10 +373,15 @@ def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stud
                 if sentence:
                     statements.append(sentence)
     else:
-        statements.append(f"- One kind of student only ({', '.join(labels)}): nothing to compare it with here; "
+        statements.append("- No converged darht-low-transfer student to compare the others with."
+                          if "darht-low-transfer" in labels else
+                          f"- One kind of student only ({', '.join(labels)}): nothing to compare it with here; "
                           "the study configs add the high-transfer, homogeneous and single-teacher baselines.")
     lines += statements
-    if "darht-low-transfer" in labels and "darht-high-transfer" in labels:
+    if claim is not None:
+        lines += ["", f"The claim, tested over every converged DARHT student (next section): **{claim['verdict']}**."]
+    elif "darht-low-transfer" in labels and "darht-high-transfer" in labels \
+            and not {"darht-low-transfer", "darht-high-transfer"} & unconverged:
         ra = summary.set_index("label")
         d = ra.loc["darht-low-transfer", f"{robust_col}_mean"] - ra.loc["darht-high-transfer", f"{robust_col}_mean"]
         lines += ["", ("The paper's claim (a low-transfer teacher set gives a more robust student than a "
@@ -281,6 +395,8 @@ def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stud
         for r in flagged.itertuples():
             lines.append(f"- {r.label} seed {r.seed}: {r.flags}")
     lines.append("")
+    if claim is not None:
+        lines += _claim_lines(claim, out)
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path

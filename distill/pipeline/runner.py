@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from distill.pipeline.config import describe_plan, load_study_config, student_runs
+from distill.pipeline.config import NAMED_SETS, describe_plan, load_study_config, student_runs, student_train_config
 from transfer_analysis.errors import UserError
 from transfer_analysis.utils import (
     atomic_write_json,
@@ -176,6 +176,19 @@ def _stage_recommend(cfg: Mapping[str, Any], out: Path, matrix_dir: Path) -> dic
         "homogeneous": {fam: rec.to_dict() for fam, rec in by_family.items()},
         "single": {"teacher": single, "whitebox_robust_acc": float(robust[single])},
     }
+    sampled = [run for run in cfg["students"]["runs"] if run["teacher_set"] == "sampled"]
+    if sampled:
+        from transfer_analysis.set_sampling import sample_teacher_sets
+
+        named = [summary[t]["sets"][0]["teachers"] for t in ("low-transfer", "high-transfer")]
+        named += [fam_rec["sets"][0]["teachers"] for fam_rec in summary["homogeneous"].values()]
+        n_sets = 1 + max(run["sample_index"] for run in sampled)
+        draws = sample_teacher_sets(matrix, k, n_sets, seed=cfg["seed"], pair=r["pair"], exclude_sets=named)
+        summary["sampled"] = {"n_sets": n_sets, "seed": cfg["seed"], "excluded": [sorted(t) for t in named],
+                              "rule": "equal-width strata of the max-pair score, one set drawn per stratum",
+                              "sets": [d.to_dict() for d in draws]}
+        _status("recommend", f"{n_sets} sampled sets, max pair {draws[0].max_pair:.3f} to "
+                f"{max(d.max_pair for d in draws):.3f}")
     atomic_write_json(out / "recommendation.json", summary)
     _status("recommend", f"low-transfer {low.best.teachers} (max pair {low.best.max_pair:.3f}); "
             f"high-transfer {high.best.teachers} (max pair {high.best.max_pair:.3f}); single {single}")
@@ -190,6 +203,8 @@ def _teachers_for(run: Mapping[str, Any], rec: Mapping[str, Any]) -> list[str]:
         return list(run["teachers"])
     if tset == "single":
         return [rec["single"]["teacher"]]
+    if tset == "sampled":
+        return list(rec["sampled"]["sets"][run["sample_index"]]["teachers"])
     if tset == "homogeneous":
         fam = run["family"]
         if fam not in rec["homogeneous"]:
@@ -203,7 +218,8 @@ def _stage_students(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Map
     from distill.trainer import train
     from transfer_analysis.pool import load_pool
 
-    s, ev = cfg["students"], cfg["evaluation"]
+    from distill.pipeline.claim import convergence, student_protocol
+
     runs = student_runs(cfg)
     pool = None
     rows = []
@@ -216,16 +232,7 @@ def _stage_students(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Map
                 pool = load_pool(pool_path, train_ds.num_classes, train_ds.in_chans, train_ds.image_size)
             _status("students", f"{run['id']} ({i + 1}/{len(runs)}): {run['method']} from "
                     f"{', '.join(teachers) or 'no teacher'}")
-            config = {
-                "method": run["method"], "student": run["arch"], "student_kwargs": s["kwargs"],
-                "method_kwargs": {**s["method_kwargs"].get(run["method"], {}), **run["kwargs"]},
-                "dataset": cfg["dataset"], "data_root": cfg["data_root"], "pool": str(pool_path),
-                "teachers": teachers, "epochs": s["epochs"], "batch_size": cfg["batch_size"], "lr": s["lr"],
-                "eps": cfg["eps_value"], "eval_samples": s["eval_samples"], "final_attacks": ev["attacks"],
-                "final_eval_samples": ev["n_samples"], "final_attack_samples": ev["attack_samples"],
-                "eval_seed": cfg["seed"], "seed": run["seed"],
-                "device": device,
-            }
+            config = student_train_config(cfg, run, teachers, pool=str(pool_path), device=device)
             train(config, run_dir, resume=(run_dir / "config.yaml").is_file(), dataset=train_ds,
                   teachers={n: pool[n] for n in teachers} if teachers else None)
         else:
@@ -239,6 +246,8 @@ def _stage_students(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Map
             row[column] = metrics["accuracy"].get(attack)
         row["worst_case_acc"] = metrics.get("worst_case")
         row["flags"] = "; ".join(metrics.get("flags", []))
+        row.update(student_protocol(run_dir))
+        row.update(convergence(run_dir))
         rows.append(row)
     return rows
 
@@ -263,6 +272,7 @@ def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None =
     """
     import pandas as pd
 
+    from distill.pipeline.claim import write_claim
     from distill.pipeline.report import write_report
     from transfer_analysis.data import load_dataset
 
@@ -294,7 +304,8 @@ def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None =
     students = pd.DataFrame(rows)
     atomic_write_text(out / "students.csv", students[STUDENT_COLUMNS].to_csv(index=False))
     atomic_write_text(out / "students_detail.csv", students.to_csv(index=False))
-    report = write_report(out, cfg, rec, students, argv)
+    claim = write_claim(out, cfg, rec, students)
+    report = write_report(out, cfg, rec, students, argv, claim=claim)
     _status("report", f"wrote {report}")
     sets = {"low-transfer": _teachers_for({"teacher_set": "low-transfer"}, rec),
             "high-transfer": _teachers_for({"teacher_set": "high-transfer"}, rec),
