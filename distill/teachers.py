@@ -130,6 +130,15 @@ def train_teacher(arch: str, dataset: str | ImageDataset, out: str | os.PathLike
     if key not in TEACHER_METHODS:
         raise UserError(f"teacher method must be one of {', '.join(TEACHER_METHODS)}, got {method!r}")
     weights, entry_path, run_dir = teacher_paths(out)
+    from transfer_analysis.rundir import check_output_path
+
+    check_output_path(weights)
+    if input_size is not None:
+        sizes = [input_size] if isinstance(input_size, int) else list(input_size) \
+            if isinstance(input_size, (list, tuple)) else [None]
+        if len(sizes) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                               for v in sizes):
+            raise UserError(f"input_size must be a positive integer or (height, width), got {input_size!r}")
     if not resume and not force:
         for p in (weights, entry_path):
             if p.exists():
@@ -143,6 +152,7 @@ def train_teacher(arch: str, dataset: str | ImageDataset, out: str | os.PathLike
     cfg = TrainConfig(method=key, student=arch, dataset=dataset_name, student_kwargs=student_kwargs,
                       method_kwargs=dict(method_kwargs or {}), epochs=epochs, batch_size=batch_size, lr=lr, eps=eps,
                       final_attacks=list(final_attacks), final_eval_samples=final_eval_samples, **config)
+    # (a resume of a run that finished before its weights were written only writes them)
     result = train(cfg, run_dir, resume=resume, force=force, dataset=dataset_obj)
     if not result.completed:  # pragma: no cover - only with stop_after_epochs
         raise UserError(f"teacher training of {entry_name} stopped early; finish it with --resume")

@@ -72,6 +72,7 @@ from distill.student import Student, build_student, data_parallel, save_student
 from transfer_analysis import distributed as dist_utils
 from transfer_analysis.data import ImageDataset, balanced_subset, load_dataset, save_indices
 from transfer_analysis.errors import UserError
+from transfer_analysis.pool import merge_implied_kwargs
 from transfer_analysis.utils import (
     atomic_torch_save,
     atomic_write_json,
@@ -514,6 +515,36 @@ def train(config: TrainConfig | Mapping[str, Any], out: str | os.PathLike, *, re
                       stop_after_epochs=stop_after_epochs, on_epoch_end=on_epoch_end)
 
 
+def _check_run_dir(out: Path, *, resume: bool, force: bool) -> None:
+    """What ``out`` may be for a training run: new (neither flag), an unfinished run (``resume``), or
+    anything to replace (``force``); checked before any work, nothing is written."""
+    from transfer_analysis.rundir import check_output_path
+
+    check_output_path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory; choose another path")
+    if resume and force:
+        raise UserError("--resume continues a run and --force replaces it; give one of them")
+    is_run = (out / "config.yaml").is_file()
+    if is_run and not (resume or force):
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or --force to replace it")
+    if resume and not is_run:
+        raise UserError(f"nothing to resume in {out}: it holds no run (no config.yaml); drop --resume to start one")
+
+
+def _finished_run(out: Path, cfg: TrainConfig) -> TrainResult:
+    """A resume of a run that already finished: nothing is trained, evaluated or written again."""
+    import json
+
+    from distill.student import load_student
+
+    logger.info("%s finished earlier: nothing to resume; its metrics.json and student are kept as they are", out)
+    with open(out / "summary.csv", newline="") as fh:
+        history = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
+    return TrainResult(out, load_student(out / "student.safetensors"), history,
+                       json.loads((out / "metrics.json").read_text()), True, cfg)
+
+
 def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: bool, dataset: ImageDataset | None,
            teachers: Mapping[str, nn.Module] | None, stop_after_epochs: int | None,
            on_epoch_end: Callable[[int, Mapping[str, float]], None] | None) -> TrainResult:
@@ -540,10 +571,11 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
     method = create_method(cfg.method, eps=cfg.eps, **cfg.method_kwargs)
     out = Path(out)
     _check_teacher_request(cfg, method, teachers)
-    if out.is_dir() and (out / "config.yaml").is_file() and not (resume or force):
-        raise UserError(f"{out} already holds a run; pass --resume to continue it or --force to replace it")
+    _check_run_dir(out, resume=resume, force=force)
     if resume and out.is_dir():
         _check_resume_config(out, cfg)
+    if resume and (out / "metrics.json").is_file() and (out / "student.safetensors").is_file():
+        return _finished_run(out, cfg)
     data = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_root, download=cfg.download)
     teacher_models = _load_teachers(cfg, method, data, device, teachers)
     if cfg.batch_size > len(data.y_train):
@@ -559,8 +591,10 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
     seed_everything(cfg.seed)
     mean, std = data.channel_stats() if cfg.normalize else (None, None)
     num_teachers = len(teacher_models) if method.uses_feature_map else 0
+    student_kwargs = merge_implied_kwargs(cfg.student_kwargs, "student_kwargs", in_chans=data.in_chans,
+                                          num_classes=data.num_classes)
     student = build_student(cfg.student, data.num_classes, num_teachers, in_chans=data.in_chans,
-                            image_size=data.image_size, mean=mean, std=std, **cfg.student_kwargs)
+                            image_size=data.image_size, mean=mean, std=std, **student_kwargs)
     student.to(device)
     for model in teacher_models.values():
         model.to(device)
@@ -607,7 +641,7 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
     start_epoch = 0
     ckpt_path = run_dir / CHECKPOINT_NAME
     if resume and ckpt_path.is_file():
-        ckpt = safe_torch_load(ckpt_path, what="resume checkpoint")
+        ckpt = safe_torch_load(ckpt_path, what="resume checkpoint", trust_hint=None)
         if not isinstance(ckpt, Mapping) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise UserError(f"{ckpt_path} is not a darht training checkpoint; use --force to start over")
         student.load_state_dict(ckpt["student"])
@@ -689,7 +723,8 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
                             else "no checkpoint was written yet")
                     raise NumericalFault(
                         f"non-finite {what} at epoch {epoch + 1}, batch {batch_idx + 1} (method "
-                        f"{method.name}); {kept}; lower --lr, try --no-amp, then --resume")
+                        f"{method.name}); {kept}; start again with a lower lr or without AMP (--lr, --no-amp) "
+                        "in a new --out or with --force (a resume keeps the run's settings)")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # under torchrun, DDP averages the gradients over the ranks here
                 optimizer.step()
@@ -726,9 +761,9 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
             if world > 1:
                 ckpt["world_size"] = world
                 ckpt["rng_ranks"] = dist_utils.all_gather_object(ckpt["rng"])
-            if main:
-                _write_summary(run_dir / "summary.csv", history)
+            if main:  # the checkpoint first: summary.csv never lists an epoch the checkpoint lacks
                 atomic_torch_save(ckpt, ckpt_path)
+                _write_summary(run_dir / "summary.csv", history)
             del ckpt
             dist_utils.barrier()  # the checkpoint is on disk before any rank goes on (or stops)
             logger.info("epoch %d/%d: %s", epoch + 1, cfg.epochs,

@@ -101,7 +101,7 @@ def test_code_running_pickle_is_refused_unless_trusted(tmp_path, write_pool):
     ([{"name": "a", "arch": "resnet18_cifr", "kwargs": {"width": 4}}], "did you mean resnet18_cifar"),
     ([{"name": "a", **TINY_CNN, "chekpoint": "x"}], "did you mean 'checkpoint'"),
     ([{"name": "a", **TINY_CNN, "checkpoint": "missing.safetensors"}], "checkpoint not found"),
-    ([{"name": "a", **TINY_CNN, "kwargs": {"width": 4, "num_classes": 9}}], "sets num_classes=9 in kwargs but the data has 4"),
+    ([{"name": "a", **TINY_CNN, "kwargs": {"width": 4, "num_classes": 9}}], "kwargs sets num_classes=9 but the data has num_classes=4"),
     ([{"name": "a", **TINY_CNN, "mean": [0.1, 0.2, 0.3, 0.4], "std": [1, 1, 1, 1]}], "one value per channel"),
     ([{"arch": "resnet18_cifar"}], "non-empty string 'name'"),
 ])

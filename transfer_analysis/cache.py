@@ -177,7 +177,7 @@ class MatrixCache:
         if not path.is_file():
             return None
         try:
-            obj = safe_torch_load(path, what="cache entry")
+            obj = safe_torch_load(path, what="cache entry", trust_hint=None)
         except (UserError, OSError, RuntimeError, ValueError, EOFError) as err:
             logger.warning("ignoring unreadable cache entry %s (%s); it will be recomputed", path, err)
             return None

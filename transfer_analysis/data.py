@@ -37,6 +37,7 @@ from .utils import atomic_write_json
 
 __all__ = [
     "DATASET_NAMES",
+    "check_dataset",
     "Augment",
     "ImageDataset",
     "load_dataset",
@@ -323,19 +324,19 @@ def load_dataset(name: str | os.PathLike, data_root: str | os.PathLike | None = 
     spec = str(name)
     root = Path(data_root) if data_root is not None else default_data_root()
     if spec.endswith(".npz") or (Path(spec).suffix == ".npz"):
-        return _load_npz(Path(spec))
+        return check_dataset(_load_npz(Path(spec)), spec)
     base, _, options = spec.partition(":")
     base = base.strip().lower()
     if base == "synthetic":
-        return make_synthetic(**_parse_options(options))
+        return check_dataset(make_synthetic(**_parse_options(options)), spec)
     if options:
         raise UserError(f"dataset {base!r} takes no options (got {spec!r})")
     if base in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
-        return _load_fashion_mnist(root, data_root is not None, download)
+        return check_dataset(_load_fashion_mnist(root, data_root is not None, download), spec)
     if base in ("cifar10", "cifar100"):
-        return _load_cifar(base, root, download)
+        return check_dataset(_load_cifar(base, root, download), spec)
     if base in ("tiny-imagenet", "tiny_imagenet", "tinyimagenet"):
-        return _load_tiny_imagenet(root, download)
+        return check_dataset(_load_tiny_imagenet(root, download), spec)
     import difflib
 
     close = difflib.get_close_matches(base, DATASET_NAMES, n=1)
@@ -343,16 +344,59 @@ def load_dataset(name: str | os.PathLike, data_root: str | os.PathLike | None = 
     raise UserError(f"unknown dataset {spec!r}; {hint}choose one of {', '.join(DATASET_NAMES)} or a .npz path")
 
 
+def check_dataset(ds: ImageDataset, where: str) -> ImageDataset:
+    """Refuse a dataset no run can use, wherever it came from: an empty split, fewer than two classes,
+    labels outside ``0 .. num_classes - 1``, or a test class with no training image.
+
+    Example:
+        >>> ds = make_synthetic(num_classes=3, in_chans=1, image_size=4, n_train=6, n_test=3)
+        >>> check_dataset(ds, "synthetic").num_classes
+        3
+    """
+    for split in ("train", "test"):
+        if len(getattr(ds, f"y_{split}")) == 0:
+            raise UserError(f"dataset {where}: the {split} split has no images")
+    if ds.num_classes < 2:
+        raise UserError(f"dataset {where}: {ds.num_classes} class; classification needs at least 2")
+    for split in ("train", "test"):
+        y = getattr(ds, f"y_{split}")
+        if int(y.min()) < 0 or int(y.max()) >= ds.num_classes:
+            raise UserError(f"dataset {where}: y_{split} has labels outside 0..{ds.num_classes - 1} (e.g. "
+                            f"{int(y.max()) if int(y.max()) >= ds.num_classes else int(y.min())}), the classes "
+                            "of the training split")
+    missing = sorted(set(torch.unique(ds.y_test).tolist()) - set(torch.unique(ds.y_train).tolist()))
+    if missing:
+        shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+        raise UserError(f"dataset {where}: test labels {shown} have no training image; every test class must "
+                        "appear in y_train")
+    return ds
+
+
+#: synthetic dataset options and their types
+SYNTHETIC_OPTIONS: dict[str, type] = {"num_classes": int, "in_chans": int, "image_size": int, "n_train": int,
+                                      "n_test": int, "seed": int, "noise": float}
+#: largest synthetic dataset (float32 bytes while it is generated); tests need far less
+SYNTHETIC_MAX_BYTES = 2 << 30
+
+
 def _parse_options(options: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in options.split(","))):
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep:
             raise UserError(f"synthetic dataset option {item!r} must be key=value, e.g. synthetic:num_classes=4")
+        if key not in SYNTHETIC_OPTIONS:
+            import difflib
+
+            close = difflib.get_close_matches(key, list(SYNTHETIC_OPTIONS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"unknown synthetic dataset option {key!r}{hint}; options: {', '.join(SYNTHETIC_OPTIONS)}")
         try:
-            out[key.strip()] = float(value) if key.strip() == "noise" else int(value)
+            out[key] = SYNTHETIC_OPTIONS[key](value)
         except ValueError as err:
-            raise UserError(f"synthetic dataset option {item!r} needs a number") from err
+            kind = "an integer" if SYNTHETIC_OPTIONS[key] is int else "a number"
+            raise UserError(f"synthetic dataset option {item!r} needs {kind}") from err
     return out
 
 
@@ -369,6 +413,13 @@ def make_synthetic(num_classes: int = 10, in_chans: int = 3, image_size: int = 3
     for key, value in allowed.items():
         if value < (2 if key == "num_classes" else 1):
             raise UserError(f"synthetic dataset: {key} must be >= {2 if key == 'num_classes' else 1}, got {value}")
+    if not 0 <= noise < float("inf"):
+        raise UserError(f"synthetic dataset: noise must be a finite number >= 0, got {noise}")
+    size = 4 * (n_train + n_test) * in_chans * image_size * image_size
+    if size > SYNTHETIC_MAX_BYTES:
+        raise UserError(f"synthetic dataset of {n_train + n_test} images of {in_chans}x{image_size}x{image_size} "
+                        f"needs {size / 2**30:.1f} GiB to generate, more than the {SYNTHETIC_MAX_BYTES >> 30} GiB "
+                        "allowed; use fewer or smaller images")
     g = torch.Generator().manual_seed(int(seed))
     coarse = torch.rand(num_classes, in_chans, 4, 4, generator=g)
     protos = F.interpolate(coarse, size=(image_size, image_size), mode="bilinear", align_corners=False)
@@ -397,13 +448,21 @@ def _to_nchw(x: np.ndarray, key: str, path: Path) -> torch.Tensor:
 
 
 def _load_npz(path: Path) -> ImageDataset:
+    import zipfile
+
     if not path.is_file():
         raise UserError(f"dataset file not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not a .npz archive (no zip archive inside: truncated, or another kind of "
+                        "file); write it with numpy.savez")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (ValueError, OSError) as err:
-        raise UserError(f"{path} is not a readable .npz file without pickled objects ({err})") from err
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        reason = "it holds pickled objects, which are never loaded" if "pickle" in str(err) else \
+            f"{type(err).__name__}: {err}"
+        raise UserError(f"{path} is a damaged or unsupported .npz archive ({reason}); re-create it with "
+                        "numpy.savez") from err
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}; it needs x_train, y_train, x_test, y_test")
@@ -423,7 +482,10 @@ def _load_npz(path: Path) -> ImageDataset:
     if out["x_train"].shape[1:] != out["x_test"].shape[1:]:
         raise UserError(f"{path}: train images {tuple(out['x_train'].shape[1:])} and test images "
                         f"{tuple(out['x_test'].shape[1:])} differ in shape")
-    num_classes = int(max(out["y_train"].max(), out["y_test"].max())) + 1
+    if not len(out["y_train"]) or not len(out["y_test"]):
+        raise UserError(f"{path}: x_train and x_test each need at least one image")
+    # the classes are those of the training split: a test label beyond them is refused by check_dataset
+    num_classes = int(out["y_train"].max()) + 1
     return ImageDataset(path.stem, num_classes=num_classes, augment=Augment(), **out)
 
 

@@ -606,10 +606,33 @@ def _check_matrix_out_dir(out: Path) -> None:
                             "choose another --out")
 
 
+#: the settings that define a matrix: a directory holding one with other values is not overwritten
+MATRIX_IDENTITY = ("models", "dataset", "indices_sha256", "seed", "attack")
+
+
+def _check_same_matrix(out: Path, config: Mapping[str, Any], force: bool) -> None:
+    """Refuse to replace the tables of another matrix (other models, data, seed or attack) in ``out``
+    unless ``force``; re-running the same matrix into its directory is free (the cache)."""
+    import yaml
+
+    path = out / "config.yaml"
+    if force or not path.is_file():
+        return
+    try:
+        old = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        old = {}
+    new = yaml.safe_load(yaml.safe_dump(dict(config), sort_keys=False))
+    changed = [k for k in MATRIX_IDENTITY if old.get(k) != new.get(k)]
+    if changed:
+        raise UserError(f"{out} holds another matrix (different {', '.join(changed)}); choose another --out, or "
+                        "pass --force to replace its tables")
+
+
 def run_matrix(pool_path: str | Path, dataset: str | Any, out: str | Path, *, attack: AttackConfig,
                n_samples: int = 1000, batch_size: int = 256, seed: int = 0, device: str | torch.device = "cpu",
                cache_dir: str | Path | None = None, names: Sequence[str] | None = None,
-               data_root: str | None = None, download: bool = True) -> TransferResult:
+               data_root: str | None = None, download: bool = True, force: bool = False) -> TransferResult:
     """Everything ``darht matrix`` does: validate, build the pool, compute, write the run directory.
 
     Args:
@@ -620,6 +643,7 @@ def run_matrix(pool_path: str | Path, dataset: str | Any, out: str | Path, *, at
         n_samples: test images (seeded class-balanced subset; all, in order, when at least the test set).
         cache_dir: the per-source cache (default ``out/cache``).
         names: a subset of the pool's models (pool order is kept).
+        force: replace the tables of another matrix (other models, data, seed or attack) in ``out``.
 
     Every input is checked before anything is written, so a mistake leaves no output behind.
     """
@@ -635,6 +659,9 @@ def run_matrix(pool_path: str | Path, dataset: str | Any, out: str | Path, *, at
         if len(set(names)) != len(names):
             raise UserError(f"--models names a model twice: {','.join(names)}")
     out = Path(out)
+    from transfer_analysis.rundir import check_output_path
+
+    check_output_path(out)
     _check_matrix_out_dir(out)
     ds = load_dataset(dataset, data_root, download=download) if isinstance(dataset, (str, Path)) else dataset
     indices = balanced_subset(ds.y_test, n_samples, seed=seed)
@@ -651,13 +678,13 @@ def run_matrix(pool_path: str | Path, dataset: str | Any, out: str | Path, *, at
     with dist_utils.process_group(resolve_device(device)):
         return _run_matrix_outputs(pool, ds, dataset, out, pool_path=pool_path, attack=attack, indices=indices,
                                    n_samples=n_samples, batch_size=batch_size, seed=seed, device=device,
-                                   cache_dir=cache_dir, data_root=data_root)
+                                   cache_dir=cache_dir, data_root=data_root, force=force)
 
 
 def _run_matrix_outputs(pool: Mapping[str, nn.Module], ds: Any, dataset: str | Any, out: Path, *,
                         pool_path: str | Path, attack: AttackConfig, indices: torch.Tensor, n_samples: int,
                         batch_size: int, seed: int, device: str | torch.device, cache_dir: str | Path | None,
-                        data_root: str | None) -> TransferResult:
+                        data_root: str | None, force: bool = False) -> TransferResult:
     """Write the run directory and compute the matrix (under ``torchrun``: rank 0 writes, all compute)."""
     from transfer_analysis.data import save_indices
     from transfer_analysis.utils import prepare_out_dir, write_env_json, write_run_config
@@ -665,8 +692,6 @@ def _run_matrix_outputs(pool: Mapping[str, nn.Module], ds: Any, dataset: str | A
     main = dist_utils.rank() == 0
     cache_dir = Path(cache_dir) if cache_dir is not None else out / "cache"
     if main:
-        prepare_out_dir(out, resume=True)
-        save_indices(out / "indices.json", indices, dataset=ds.name, split="test", seed=seed)
         indices_sha = hashlib.sha256(",".join(str(int(i)) for i in indices).encode()).hexdigest()
         config = {
             "command": "matrix",
@@ -680,6 +705,9 @@ def _run_matrix_outputs(pool: Mapping[str, nn.Module], ds: Any, dataset: str | A
         }
         if dist_utils.world_size() > 1:
             config["processes"] = dist_utils.world_size()
+        _check_same_matrix(out, config, force)  # before anything is written
+        prepare_out_dir(out, resume=True)
+        save_indices(out / "indices.json", indices, dataset=ds.name, split="test", seed=seed)
         write_run_config(out, config)
         write_env_json(out, device)
     dist_utils.barrier()

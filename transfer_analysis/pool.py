@@ -35,6 +35,7 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -57,6 +58,7 @@ __all__ = [
     "load_pool",
     "build_pool_model",
     "create_timm_model",
+    "merge_implied_kwargs",
     "load_state_dict_file",
     "apply_state_dict",
     "model_fingerprint",
@@ -72,6 +74,18 @@ _KNOWN_KEYS = {
 }
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
 _PREFIXES = ("module.", "_orig_mod.")
+
+
+#: largest input side a pool entry may resize to
+MAX_INPUT_SIZE = 4096
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass
@@ -132,23 +146,31 @@ def parse_pool_entries(data: Any, source: str = "pool") -> list[PoolEntry]:
             raise UserError(f"{where}: kwargs must be a mapping, got {type(kwargs).__name__}")
         input_size = raw.get("input_size")
         if input_size is not None:
-            if isinstance(input_size, int) and not isinstance(input_size, bool) and input_size > 0:
+            if _is_int(input_size) and 0 < input_size <= MAX_INPUT_SIZE:
                 pass
-            elif (isinstance(input_size, Sequence) and len(input_size) == 2
-                  and all(isinstance(v, int) and v > 0 for v in input_size)):
+            elif (isinstance(input_size, Sequence) and not isinstance(input_size, str) and len(input_size) == 2
+                  and all(_is_int(v) and 0 < v <= MAX_INPUT_SIZE for v in input_size)):
                 input_size = tuple(input_size)
             else:
-                raise UserError(f"{where}: input_size must be a positive integer or [height, width], got {input_size!r}")
+                raise UserError(f"{where}: input_size must be a positive integer (at most {MAX_INPUT_SIZE}) or "
+                                f"[height, width], got {input_size!r}")
         for key in ("mean", "std"):
             v = raw.get(key)
-            if v is not None and (not isinstance(v, Sequence) or isinstance(v, str)
-                                  or not all(isinstance(c, (int, float)) for c in v) or not v):
-                raise UserError(f"{where}: {key} must be a list of numbers, got {v!r}")
+            if v is not None and (not isinstance(v, Sequence) or isinstance(v, str) or not v
+                                  or not all(_is_number(c) and math.isfinite(c) for c in v)):
+                raise UserError(f"{where}: {key} must be a list of finite numbers, got {v!r}")
         if raw.get("std") is not None and any(c <= 0 for c in raw["std"]):
             raise UserError(f"{where}: std values must be positive, got {raw['std']!r}")
         for key in ("pretrained", "trust_checkpoint"):
             if key in raw and not isinstance(raw[key], bool):
                 raise UserError(f"{where}: {key} must be true or false, got {raw[key]!r}")
+        for key in ("checkpoint", "pretrained_file", "family", "training", "notes"):
+            if raw.get(key) is not None and not (isinstance(raw[key], str) and raw[key].strip()):
+                raise UserError(f"{where}: {key} must be a non-empty string, got {raw[key]!r}")
+        if raw.get("eps") is not None:
+            from .utils import parse_eps
+
+            parse_eps(raw["eps"], f"{where}: eps")
         entries.append(PoolEntry(
             name=name, arch=raw["arch"].strip(), kwargs=dict(kwargs), checkpoint=raw.get("checkpoint"),
             pretrained=bool(raw.get("pretrained", False)), pretrained_file=raw.get("pretrained_file"),
@@ -324,6 +346,24 @@ def _suggest_arch(arch: str) -> str:
     return f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
 
 
+def merge_implied_kwargs(kwargs: Mapping[str, Any], where: str, **implied: Any) -> dict[str, Any]:
+    """``kwargs`` without the keys the data already implies (``in_chans``, ``num_classes``), after
+    checking that any such key given agrees with the data; a conflict is a :class:`UserError`.
+
+    Example:
+        >>> merge_implied_kwargs({"width": 4, "in_chans": 1}, "student_kwargs", in_chans=1, num_classes=10)
+        {'width': 4}
+    """
+    out = dict(kwargs)
+    for key, value in implied.items():
+        if key in out:
+            given = out.pop(key)
+            if given != value:
+                raise UserError(f"{where} sets {key}={given!r} but the data has {key}={value}; remove {key} (it is "
+                                "taken from the data)")
+    return out
+
+
 def create_timm_model(arch: str, num_classes: int, in_chans: int, pretrained: bool = False,
                       pretrained_file: str | None = None, image_size: int | tuple[int, int] | None = None,
                       **kwargs: Any) -> nn.Module:
@@ -378,12 +418,8 @@ def build_pool_model(entry: PoolEntry, num_classes: int, in_chans: int, image_si
             return build_pool_model(entry, num_classes, in_chans, image_size, device, check_forward)
     size = entry.input_size if entry.input_size is not None else image_size
     size_hw = (size, size) if isinstance(size, int) else tuple(size)
-    kwargs = dict(entry.kwargs)
-    for key, value in (("num_classes", num_classes), ("in_chans", in_chans)):
-        given = kwargs.pop(key, value)
-        if given != value:
-            raise UserError(f"model {entry.name!r} sets {key}={given} in kwargs but the data has {value}; "
-                            f"remove {key} from its kwargs")
+    kwargs = merge_implied_kwargs(entry.kwargs, f"model {entry.name!r} kwargs", num_classes=num_classes,
+                                  in_chans=in_chans)
     model = create_timm_model(entry.arch, num_classes=num_classes, in_chans=in_chans, pretrained=entry.pretrained,
                               pretrained_file=entry.pretrained_file, image_size=size_hw[0] if size_hw[0] == size_hw[1]
                               else size_hw, **kwargs)

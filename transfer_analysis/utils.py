@@ -7,6 +7,7 @@ Everything here is small and dependency-free beyond torch, so both halves of the
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -218,6 +219,12 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
@@ -233,19 +240,37 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
         'hello'
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _output_error(path, err) from err
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are as readable as any other file
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno in _ENVIRONMENT_ERRNOS:
+            raise _output_error(path, err) from err
         raise
+
+
+#: OS errors that say something about where the user asked to write, not about the code
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
+                       errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST}
+
+
+def _output_error(path: Path, err: OSError) -> Exception:
+    """A one-line :class:`UserError` naming the output ``path`` for an OS error on it; others unchanged."""
+    if err.errno not in _ENVIRONMENT_ERRNOS:
+        return err
+    return UserError(f"cannot write {path}: {err.strerror or err}; the files written before it are kept")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -292,30 +317,45 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.
         fh.write(blob)
 
 
-def safe_torch_load(path: str | os.PathLike, trust: bool = False, what: str = "checkpoint") -> Any:
+def safe_torch_load(path: str | os.PathLike, trust: bool = False, what: str = "checkpoint",
+                    trust_hint: str | None = "trust_checkpoint: true in the pool entry, or --trust-checkpoint"
+                    ) -> Any:
     """Load a torch file with ``weights_only=True``; unpickling arbitrary objects needs ``trust``.
 
-    A file that can only be read by running pickled code is refused with a :class:`UserError`
-    unless ``trust`` is true (the user's explicit opt-in for that one file).
+    A file that is not a torch file at all (or is truncated) is a :class:`UserError` saying so; a
+    torch file that can only be read by running pickled code is refused unless ``trust`` is true
+    (the user's explicit opt-in for that one file; ``trust_hint`` says how to give it, ``None``
+    where the caller offers no opt-in).
     """
+    import pickle
+    import zipfile
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    # torch.save writes a zip archive; files from torch < 1.6 are a bare pickle (protocol 2: 0x80 0x02)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
+        raise UserError(f"{what} {path} is truncated or not a torch file (no zip archive inside); re-create it")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
-        if isinstance(err, (EOFError, RuntimeError)) and "weights_only" not in str(err) \
-                and "Unsupported" not in str(err):
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
+        text = str(err)
+        if "weights_only" not in text and "Unsupported" not in text and "global" not in text.lower():
             raise UserError(f"{what} {path} is truncated or not a torch file ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''}); re-create it") from err
+                            f"{text.splitlines()[0] if text else ''}); re-create it") from err
         if not trust:
-            raise UserError(
-                f"{what} {path} needs arbitrary unpickling (weights_only=True failed), which can run code; "
-                "re-save it as safetensors or a plain state_dict, or opt in for this file "
-                "(trust_checkpoint: true in the pool entry, or --trust-checkpoint)"
-            ) from err
-        logger.warning("loading %s with weights_only=False (trusted by the user)", path)
+            opt_in = f", or opt in for this file ({trust_hint})" if trust_hint else ""
+            raise UserError(f"{what} {path} holds pickled objects that only arbitrary unpickling can read "
+                            f"(weights_only=True failed), which can run code; re-save it as safetensors or a "
+                            f"plain state_dict{opt_in}") from err
+    logger.warning("loading %s with weights_only=False (trusted by the user)", path)
+    try:
         return torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, EOFError, ModuleNotFoundError, AttributeError) as err:
+        raise UserError(f"{what} {path} cannot be unpickled even when trusted ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from err
 
 
 def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
@@ -334,7 +374,14 @@ def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not a UTF-8 text file (byte {err.start}: {err.reason}); a {what} is YAML "
+                        "text") from err
+    except OSError as err:
+        raise UserError(f"cannot read {what} {path}: {err.strerror or err}") from err
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""

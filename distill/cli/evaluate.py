@@ -182,7 +182,7 @@ def load_weights_model(weights: Path, arch: str | None, model_kwargs: dict[str, 
                        in_chans: int, image_size: int, device: torch.device, trust: bool = False) -> nn.Module:
     """A weights file as a pixel-space model: with ``arch`` a plain timm model, else the entry beside it."""
     from transfer_analysis.pool import (PixelSpaceModel, apply_state_dict, build_pool_model, create_timm_model,
-                                        load_state_dict_file)
+                                        load_state_dict_file, merge_implied_kwargs)
 
     if not weights.is_file():
         raise UserError(f"model weights not found: {weights}")
@@ -197,6 +197,7 @@ def load_weights_model(weights: Path, arch: str | None, model_kwargs: dict[str, 
         entry.kwargs = {**entry.kwargs, **model_kwargs}
         logger.info("model %s (%s) from %s", entry.name, entry.arch, yaml_path)
         return build_pool_model(entry, num_classes, in_chans, image_size, device)
+    model_kwargs = merge_implied_kwargs(model_kwargs, "--model-kwargs", num_classes=num_classes, in_chans=in_chans)
     net = create_timm_model(arch, num_classes=num_classes, in_chans=in_chans, image_size=image_size, **model_kwargs)
     apply_state_dict(net, load_state_dict_file(weights, trust=trust), what=f"{weights}")
     logger.info("model %s from %s (no normalization)", arch, weights)
@@ -207,12 +208,16 @@ def load_weights_model(weights: Path, arch: str | None, model_kwargs: dict[str, 
 # run
 # --------------------------------------------------------------------------------------------
 def _check_out(out: Path, force: bool = False) -> None:
+    """Claim ``--out`` and its side file ``<stem>.indices.json`` before any work."""
+    from transfer_analysis.rundir import claim_output_files
+
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name such as {out / 'metrics.json'}")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise UserError(f"--out {out}: {out.parent} is not a directory")
-    if out.exists() and not force:
-        raise UserError(f"--out {out} already exists; pass --force to replace it or choose another file")
+    claim_output_files([out, _indices_path(out)], force=force)
+
+
+def _indices_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}.indices.json")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -283,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
                                   pool={s: pool[s] for s in sources}, seed=args.seed, device=device,
                                   n_classes=ds.num_classes, check_eps_sweep=not args.no_eps_sweep,
                                   attack_samples=attack_samples, subset_seed=args.seed)
-    indices_path = out.with_name(f"{out.stem}.indices.json")
+    indices_path = _indices_path(out)
     metrics["settings"].update({
         "model": described,
         "arch": args.arch,

@@ -30,7 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="images per attack/evaluation batch (default 256)")
     p.add_argument("--cache", default=None, help="cache directory, shareable between runs (default OUT/cache)")
     p.add_argument("--models", default=None, help="comma-separated subset of the pool's model names")
-    p.add_argument("--out", required=True, help="output directory (re-running into it updates the outputs)")
+    p.add_argument("--out", required=True, help="output directory (re-running the same matrix into it updates the "
+                                                "outputs; another matrix there is refused)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the tables of another matrix (other models, data, seed or attack) in --out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,5 +51,5 @@ def run(args: argparse.Namespace) -> int:
     names = None if args.models is None else [n.strip() for n in args.models.split(",") if n.strip()]
     run_matrix(args.pool, args.dataset, args.out, attack=attack, n_samples=args.n_samples,
                batch_size=args.batch_size, seed=args.seed, device=device, cache_dir=args.cache, names=names,
-               data_root=args.data_root, download=not args.no_download)
+               data_root=args.data_root, download=not args.no_download, force=args.force)
     return 0

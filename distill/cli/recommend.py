@@ -78,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} is a directory; give a file name such as {out / 'rec.json'}")
     if out.suffix.lower() == ".png":
         raise UserError(f"--out {out} must not end in .png (the graph plot is written beside the JSON)")
-    if out.exists() and not args.force:
-        raise UserError(f"--out {out} already exists; pass --force to replace it or choose another file")
+    from transfer_analysis.rundir import claim_output_files
+
+    claim_output_files([out] + ([] if args.no_plot else [out.with_suffix(".png")]), force=args.force)
     if args.top < 1:
         raise UserError(f"--top must be at least 1, got {args.top}")
     limit = DEFAULT_ENUMERATION_LIMIT if args.enumeration_limit is None else args.enumeration_limit

@@ -181,11 +181,18 @@ def partial_spearman_ci(x: Sequence[float], y: Sequence[float], z: Sequence[floa
 
 
 def per_set_table(set_rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per teacher set from per-student rows (converged students only): scores, covariate,
-    number of seeds, and mean and std over seeds of every accuracy column present."""
+    """One row per distinct teacher set from per-student rows (converged students only): scores,
+    covariate, number of students, and mean and std over them of every accuracy column present.
+
+    Rows with the same teachers under two labels are one set (``set_id`` joins the labels with `` = ``).
+    """
     ok = set_rows[set_rows["converged"].astype(bool)]
     out = []
-    for set_id, g in ok.groupby("set_id", sort=False):
+    # one row per distinct set: two labels with the same teachers (say high-transfer and homogeneous)
+    # are one set, counted once
+    key = ok["teachers"].map(lambda t: "+".join(sorted(str(t).split("+"))))
+    for _, g in ok.groupby(key, sort=False):
+        set_id = " = ".join(dict.fromkeys(g["set_id"]))
         row: dict[str, Any] = {"set_id": set_id, "teachers": g["teachers"].iloc[0],
                                "named": g["teacher_set"].iloc[0] != "sampled",
                                **{c: float(g[c].iloc[0]) for c in (*SCORES, COVARIATE)}, "n_seeds": int(len(g))}
@@ -260,7 +267,7 @@ def claim_verdict(stats: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def plot_claim(sets: pd.DataFrame, path: Path, baselines: Mapping[str, float] | None = None,
-               stats: Mapping[str, Any] | None = None) -> Path:
+               stats: Mapping[str, Any] | None = None) -> Path | None:
     """Set score (max pair, mean pair) against the students' PGD-20 and CW accuracy: one point per set,
     error bars = std over seeds, named sets labelled, baselines' PGD-20/CW means as dashed lines."""
     import matplotlib
@@ -269,6 +276,8 @@ def plot_claim(sets: pd.DataFrame, path: Path, baselines: Mapping[str, float] | 
     import matplotlib.pyplot as plt
 
     attacks = [a for a in ("pgd20", "cw") if f"{a}_mean" in sets and sets[f"{a}_mean"].notna().any()]
+    if not attacks:  # a study without PGD-20 or CW has nothing to draw
+        return None
     fig, axes = plt.subplots(len(attacks), 2, figsize=(10, 3.8 * len(attacks)), dpi=110, squeeze=False)
     for i, attack in enumerate(attacks):
         for j, score in enumerate(SCORES):

@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -122,6 +123,15 @@ def _positive_int(value: Any, where: str, allow_none: bool = False) -> Any:
     return value
 
 
+def _number(value: Any, where: str, strict: bool = False) -> float:
+    if isinstance(value, str):
+        value = parse_eps(value, where)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (strict and value == 0):
+        raise UserError(f"{where} must be a number {'>' if strict else '>='} 0, got {value!r}")
+    return float(value)
+
+
 def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
     """Fill defaults and check every key of a study config; return the resolved config."""
     if not isinstance(raw, Mapping):
@@ -132,7 +142,8 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
     if not cfg["dataset"]:
         raise UserError(f"{source}: 'dataset' is required (a name such as fashion-mnist, or a .npz path)")
     cfg["eps_value"] = parse_eps(cfg["eps"], "eps")
-    cfg["seed"] = int(cfg["seed"])
+    if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
+        raise UserError(f"{source}: seed must be an integer >= 0, got {cfg['seed']!r}")
     _positive_int(cfg["batch_size"], f"{source}: batch_size")
     _positive_int(cfg["train_subset"], f"{source}: train_subset", allow_none=True)
 
@@ -162,6 +173,13 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
                 raise UserError(f"{source}: pool model {e.name!r}: train.method must be standard, fast-at, pgd-at "
                                 f"or trades, got {t['method']!r}")
             _positive_int(t["epochs"], f"{source}: pool model {e.name!r} train.epochs")
+            _positive_int(t["batch_size"], f"{source}: pool model {e.name!r} train.batch_size", allow_none=True)
+            _number(t["lr"], f"{source}: pool model {e.name!r} train.lr", strict=True)
+            if t["weight_decay"] is not None:
+                _number(t["weight_decay"], f"{source}: pool model {e.name!r} train.weight_decay")
+            if t["optimizer"] not in ("sgd", "adamw"):
+                raise UserError(f"{source}: pool model {e.name!r} train.optimizer must be sgd or adamw, got "
+                                f"{t['optimizer']!r}")
             t["eps_value"] = parse_eps(t["eps"], "eps") if t["eps"] is not None else cfg["eps_value"]
     cfg["pool"] = [{**e.to_dict(), **({"train": trains[e.name]} if trains[e.name] else {})} for e in entries]
     names = [e.name for e in entries]
@@ -170,8 +188,16 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
     m = cfg["matrix"]
     _positive_int(m["n_samples"], f"{source}: matrix.n_samples")
     _positive_int(m["steps"], f"{source}: matrix.steps")
+    _positive_int(m["batch_size"], f"{source}: matrix.batch_size")
     if m["step_size"] is not None:
         parse_eps(m["step_size"], "matrix.step_size")
+    from transfer_analysis.attacks import AttackConfig
+
+    try:  # the attack the matrix stage will build: an unknown name is refused before any training
+        AttackConfig(name=str(m["attack"]), eps=cfg["eps_value"], steps=m["steps"],
+                     step_size=None if m["step_size"] is None else parse_eps(m["step_size"], "step_size")).resolved()
+    except UserError as err:
+        raise UserError(f"{source}: matrix.attack: {err}") from None
 
     r = cfg["recommend"]
     for key in ("objective", "high_objective"):
@@ -190,8 +216,14 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
                         "distinct ones (each run is repeated for each)")
     s["archs"] = archs
     _positive_int(s["epochs"], f"{source}: students.epochs")
-    if not isinstance(s["seeds"], list) or not s["seeds"] or not all(isinstance(v, int) for v in s["seeds"]):
-        raise UserError(f"{source}: students.seeds must be a non-empty list of integers")
+    if not isinstance(s["seeds"], list) or not s["seeds"] or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in s["seeds"]):
+        raise UserError(f"{source}: students.seeds must be a non-empty list of integers >= 0, got {s['seeds']!r}")
+    if len(set(s["seeds"])) != len(s["seeds"]):
+        raise UserError(f"{source}: students.seeds repeats a seed ({s['seeds']}); two runs with one seed are one "
+                        "run counted twice")
+    if isinstance(s["eval_samples"], bool) or not isinstance(s["eval_samples"], int) or s["eval_samples"] < 0:
+        raise UserError(f"{source}: students.eval_samples must be an integer >= 0, got {s['eval_samples']!r}")
     if not isinstance(s["runs"], list) or not s["runs"]:
         raise UserError(f"{source}: students.runs must list at least one {{method, teacher_set}}")
     runs = []
@@ -269,6 +301,7 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
 
     ev = cfg["evaluation"]
     _positive_int(ev["n_samples"], f"{source}: evaluation.n_samples")
+    _positive_int(ev["batch_size"], f"{source}: evaluation.batch_size")
     if not isinstance(ev["attacks"], list) or not ev["attacks"]:
         raise UserError(f"{source}: evaluation.attacks must be a non-empty list")
     if ev["attack_samples"]:
@@ -380,14 +413,16 @@ def _check_student_configs(cfg: Mapping[str, Any], source: str) -> None:
 
 
 def load_study_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Read (safe loader) and validate a study config; pool paths become relative to the file."""
+    """Read (safe loader) and validate a study config; pool paths (relative to the file) become absolute."""
     path = Path(path)
     raw = read_yaml(path, "config")
     cfg = validate_study_config(raw, str(path))
     for entry in cfg["pool"]:
         for key in ("checkpoint", "pretrained_file"):
-            if entry.get(key) and not Path(os.path.expanduser(entry[key])).is_absolute():
-                entry[key] = str(path.parent / entry[key])
+            if entry.get(key):
+                # absolute: pool.yaml in the run directory reads its paths relative to itself, so a path
+                # relative to the config file must not be rebased a second time
+                entry[key] = str((path.parent / os.path.expanduser(entry[key])).resolve())
     if cfg["study"] is None:
         cfg["study"] = path.stem
     return cfg

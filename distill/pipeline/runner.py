@@ -108,7 +108,7 @@ def _stage_pool(cfg: Mapping[str, Any], out: Path, train_ds: Any, device: str) -
                     epochs=train["epochs"], eps=train["eps_value"], batch_size=train["batch_size"] or cfg["batch_size"],
                     lr=train["lr"], optimizer=train["optimizer"], weight_decay=train["weight_decay"],
                     name=spec["name"], family=spec.get("family"),
-                    resume=(weights.parent / f"{spec['name']}.run").is_dir(),
+                    resume=(weights.parent / f"{spec['name']}.run" / "config.yaml").is_file(),
                     # each teacher's own seed: two entries with the same arch and training differ
                     seed=init_seed_for(cfg["seed"], spec["name"]), device=device,
                     final_eval_samples=min(1000, cfg["matrix"]["n_samples"]), input_size=spec.get("input_size"))
@@ -282,9 +282,17 @@ def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None =
     if dry_run:
         _dry_run_checks(cfg)
         return PipelineResult(out=out, config=cfg)
+    from transfer_analysis.rundir import check_output_path
+
+    check_output_path(out)
+    if resume and force:
+        raise UserError("--resume continues a run and --force replaces it; give one of them")
+    if resume and not (out / "config.yaml").is_file():
+        raise UserError(f"nothing to resume in {out}: it holds no study run (no config.yaml); drop --resume to "
+                        "start one")
     dev = resolve_device(device)
     ds = load_dataset(cfg["dataset"], cfg["data_root"])  # before anything is written: a bad dataset leaves no dir
-    if (out / "config.yaml").is_file() and resume and not force:
+    if resume:
         _check_resume(out, cfg)
     prepare_out_dir(out, resume=resume, force=force)
     write_run_config(out, _comparable(cfg))
@@ -322,7 +330,7 @@ def _dry_run_checks(cfg: Mapping[str, Any]) -> None:
     from distill.methods import list_methods
     from distill.student import build_student
     from transfer_analysis.data import dataset_shape
-    from transfer_analysis.pool import PoolEntry, build_pool_model
+    from transfer_analysis.pool import PoolEntry, build_pool_model, merge_implied_kwargs
 
     in_chans, size, classes = dataset_shape(cfg["dataset"])
     for spec in cfg["pool"]:
@@ -336,8 +344,9 @@ def _dry_run_checks(cfg: Mapping[str, Any]) -> None:
     n_teachers = max((cfg["recommend"]["k"] if r["teacher_set"] != "single" else 1) for r in cfg["students"]["runs"])
     for arch in cfg["students"]["archs"]:
         with torch.random.fork_rng(devices=[]):
-            student = build_student(arch, classes, n_teachers, in_chans=in_chans, image_size=size,
-                                    **cfg["students"]["kwargs"])
+            kwargs = merge_implied_kwargs(cfg["students"]["kwargs"], "students.kwargs", in_chans=in_chans,
+                                          num_classes=classes)
+            student = build_student(arch, classes, n_teachers, in_chans=in_chans, image_size=size, **kwargs)
             student.eval()(torch.rand(1, in_chans, size, size))
     methods = set(list_methods())
     for run in cfg["students"]["runs"]:
