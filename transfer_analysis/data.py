@@ -276,12 +276,19 @@ def load_indices(path: str | os.PathLike) -> torch.Tensor:
     """Load indices written by :func:`save_indices`."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-        return torch.tensor(data["indices"], dtype=torch.long)
+        data = json.loads(path.read_text(encoding="utf-8"))
+        values = data["indices"]
     except FileNotFoundError as err:
         raise UserError(f"indices file not found: {path}") from err
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not an indices file written by the toolkit ({err})") from err
+    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                               for v in values):
+        raise UserError(f"{path}: 'indices' must be a list of non-negative integers (no fractions, which would be "
+                        "truncated to other images)")
+    if len(set(values)) != len(values):
+        raise UserError(f"{path}: 'indices' names an image twice")
+    return torch.tensor(values, dtype=torch.long)
 
 
 # --------------------------------------------------------------------------------------------
