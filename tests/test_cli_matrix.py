@@ -125,3 +125,48 @@ def test_refuses_another_commands_run_dir(pool_file, tmp_path, capsys):
     (out / "config.yaml").write_text("command: distill\n")
     assert matrix(pool_file, out) == 2
     assert "another run" in _one_line_error(capsys, "darht matrix: error:")
+
+
+def test_sharded_array_tasks_then_one_assembling_run(pool_file, tmp_path, monkeypatch):
+    """Issue 14: --shard I/N attacks only its sources into the shared cache; the run without --shard
+    over that cache attacks nothing and writes the same tables as an unsharded run."""
+    import transfer_analysis.matrix as engine
+
+    cache = tmp_path / "cache"
+    for i in range(2):
+        assert matrix(pool_file, tmp_path / "m", "--cache", str(cache), "--shard", f"{i}/2") == 0
+    assert not (tmp_path / "m" / "transfer_matrix.csv").exists()
+    shards = [json.loads((tmp_path / "m" / "shards" / f"{i}-of-2.json").read_text())["sources"] for i in range(2)]
+    assert shards == [["cnn_a", "vit"], ["cnn_b"]]
+    attacked = []
+    real = engine._attack_source
+    monkeypatch.setattr(engine, "_attack_source", lambda *a, **k: attacked.append(a[-1]) or real(*a, **k))
+    assert matrix(pool_file, tmp_path / "m", "--cache", str(cache)) == 0
+    assert attacked == []  # assembled from the shards' cache entries alone
+    assert matrix(pool_file, tmp_path / "ref") == 0  # a fresh unsharded run, its own cache
+    assert sorted(attacked) == ["cnn_a", "cnn_b", "vit"]
+    for name in ("transfer_matrix.csv", "transfer_long.csv", "models.csv"):
+        assert (tmp_path / "m" / name).read_text() == (tmp_path / "ref" / name).read_text(), name
+
+
+@pytest.mark.parametrize("bad", ["2/2", "1", "a/b", "-1/3"])
+def test_bad_shard_is_one_line(pool_file, tmp_path, capsys, bad):
+    assert matrix(pool_file, tmp_path / "m", f"--shard={bad}") == 2
+    assert "--shard must be I/N" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_heatmap_shows_white_box_success_on_the_diagonal(pool_file, tmp_path, monkeypatch):
+    import numpy as np
+
+    import transfer_analysis.plots as plots
+
+    seen = {}
+    real = plots.plot_heatmap
+    monkeypatch.setattr(plots, "plot_heatmap", lambda m, p, **k: seen.update(k) or real(m, p, **k))
+    assert matrix(pool_file, tmp_path / "m") == 0
+    long = pd.read_csv(tmp_path / "m" / "transfer_long.csv")
+    wb = long[(long.metric == "target_error") & (long.source == long.target)].set_index("source")["value"]
+    assert np.allclose(seen["diagonal"], wb.loc[["cnn_a", "cnn_b", "vit"]].to_numpy(), equal_nan=True)
+    with pytest.raises(ValueError, match="diagonal needs 2 values"):
+        real(pd.DataFrame([[1.0, 0.2], [0.3, 1.0]]), tmp_path / "h.png", diagonal=[0.5])

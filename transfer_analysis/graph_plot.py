@@ -71,7 +71,9 @@ def render_transfer_graph(graph: nx.Graph, highlight: Sequence[str] = (), title:
     ax.set_aspect("equal")
     ax.axis("off")
 
-    cmap = "magma_r"
+    # light (low transfer) to dark violet (high), never black: a high-score edge stays a colour at the
+    # alpha the other edges are drawn with (magma_r's black end read as plain grey)
+    cmap = "viridis_r"
     weights = [float(d.get("weight", 0.0)) for _, _, d in graph.edges(data=True)]
     lo, hi = (min(weights), max(weights)) if weights else (0.0, 1.0)
     if hi - lo < 1e-9:
@@ -106,7 +108,7 @@ def render_transfer_graph(graph: nx.Graph, highlight: Sequence[str] = (), title:
             plain_c.append(col)
     base_w = 1.2 if n <= 25 else max(0.2, 25.0 / n)
     if plain:
-        ax.add_collection(LineCollection(plain, colors=plain_c, linewidths=base_w, alpha=0.55, zorder=1))
+        ax.add_collection(LineCollection(plain, colors=plain_c, linewidths=base_w * 1.3, alpha=0.85, zorder=1))
     if hot:
         ax.add_collection(LineCollection(hot, colors="black", linewidths=5.0, zorder=2))
         ax.add_collection(LineCollection(hot, colors=hot_c, linewidths=3.2, zorder=3))

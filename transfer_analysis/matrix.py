@@ -8,8 +8,9 @@ its own ``x_adv_s``) and ``ft`` (t is fooled by ``x_adv_s``). Every metric is co
 - ``target_error``: ``#(ct & ft) / #(ct)``, the DVERGE/Mahmood-style "1 - accuracy" reading;
 - more in :data:`METRICS` (``unconditional``, ``trs``), and :func:`register_metric` adds others.
 
-Each cell carries its count n and a 95% Wilson interval (NaN and n = 0 for an empty denominator);
-the diagonal is white-box success. Cost: N attacks, N² evaluation passes and N clean passes, and
+Each cell carries its count n and a 95% Wilson interval (NaN and n = 0 for an empty denominator).
+On the diagonal ``transfer_rate`` is 1 by definition and ``target_error[s, s]`` is s's white-box
+success rate (what the heatmap draws there). Cost: N attacks, N² evaluation passes and N clean passes, and
 with a cache (:mod:`transfer_analysis.cache`) a re-run costs nothing and one added model costs one
 attack plus about 2N + 1 evaluation passes.
 
@@ -399,7 +400,8 @@ def transfer_matrix(pool: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
                     device: str | torch.device = "cpu", cache_dir: str | Path | None = None, seed: int = 0,
                     dataset: str | None = None, indices: Sequence[int] | torch.Tensor | None = None,
                     max_resident_bytes: int | None = None, metrics: Sequence[str] = DEFAULT_METRICS,
-                    on_source_done: Callable[[str], None] | None = None) -> TransferResult:
+                    on_source_done: Callable[[str], None] | None = None,
+                    shard: tuple[int, int] | None = None) -> TransferResult | None:
     """Attack each source once and evaluate every target on its adversarial examples.
 
     Args:
@@ -418,6 +420,10 @@ def transfer_matrix(pool: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
             half the free memory on CUDA); 0 moves every model back to the CPU after each use.
         metrics: metrics of the long table.
         on_source_done: called with each source's name once its row is complete (and cached).
+        shard: ``(i, n)``: an array task of a cluster job; only the sources with index ``% n == i``
+            are attacked (and every target evaluated on them) into ``cache_dir``, and ``None`` is
+            returned. A run without ``shard`` over the same cache then assembles the whole matrix
+            with no new attack, identical to an unsharded run.
 
     Under ``torchrun`` (an initialized process group of more than one process) the sources are
     shared out, source ``i`` to rank ``i % world``; each rank attacks its sources and evaluates
@@ -452,6 +458,13 @@ def transfer_matrix(pool: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
     if float(x.min()) < 0 or float(x.max()) > 1:
         raise UserError("images must be in [0, 1] (pool models normalize inside forward)")
     n = len(y)
+    if shard is not None:
+        i_shard, n_shards = shard
+        if not (isinstance(i_shard, int) and isinstance(n_shards, int) and 0 <= i_shard < n_shards):
+            raise UserError(f"shard must be I/N with 0 <= I < N, got {i_shard}/{n_shards}")
+        if cache_dir is None:
+            raise UserError("a shard writes its rows to the cache for a later run to assemble: give a cache "
+                            "directory")
 
     fps = [_fingerprint(pool[name]) for name in names]
     dkey = data_key(x, y, dataset, indices)
@@ -481,7 +494,8 @@ def transfer_matrix(pool: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
 
     finished = False
     try:
-        mine = [(i, s) for i, s in enumerate(names) if i % world == rank]
+        mine = [(i, s) for i, s in enumerate(names) if i % world == rank
+                and (shard is None or i % shard[1] == shard[0])]
         for i, s in progress(mine, desc="sources", unit="model"):
             t0 = time.perf_counter()
             fp_s = fps[i]
@@ -525,6 +539,9 @@ def transfer_matrix(pool: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
             if on_source_done is not None:
                 cache.flush()  # the row is on disk before anyone is told it is done
                 on_source_done(s)
+        if shard is not None:  # an array task: its rows are in the cache, another run assembles them
+            finished = True
+            return None
         if world > 1:
             _gather_rows(rows, clean, stats)
         for name, fp in zip(names, fps):
@@ -585,7 +602,9 @@ def save_matrix_outputs(result: TransferResult, out_dir: str | Path, heatmap: bo
         from .plots import plot_heatmap
 
         title = f"transfer rate: {result.attack.name}, eps {format_eps(result.attack.eps)}, n={len(result.labels)}"
-        paths["heatmap"] = plot_heatmap(result.matrix, out / "transfer_heatmap.png", title=title)
+        # the conditional rate's diagonal is 1 by definition: show each model's white-box success there
+        whitebox = np.diag(result.metric_matrix("target_error").to_numpy(dtype=float))
+        paths["heatmap"] = plot_heatmap(result.matrix, out / "transfer_heatmap.png", title=title, diagonal=whitebox)
     return paths
 
 
@@ -632,7 +651,8 @@ def _check_same_matrix(out: Path, config: Mapping[str, Any], force: bool) -> Non
 def run_matrix(pool_path: str | Path, dataset: str | Any, out: str | Path, *, attack: AttackConfig,
                n_samples: int = 1000, batch_size: int = 256, seed: int = 0, device: str | torch.device = "cpu",
                cache_dir: str | Path | None = None, names: Sequence[str] | None = None,
-               data_root: str | None = None, download: bool = True, force: bool = False) -> TransferResult:
+               data_root: str | None = None, download: bool = True, force: bool = False,
+               shard: tuple[int, int] | None = None) -> TransferResult | None:
     """Everything ``darht matrix`` does: validate, build the pool, compute, write the run directory.
 
     Args:
@@ -644,6 +664,9 @@ def run_matrix(pool_path: str | Path, dataset: str | Any, out: str | Path, *, at
         cache_dir: the per-source cache (default ``out/cache``).
         names: a subset of the pool's models (pool order is kept).
         force: replace the tables of another matrix (other models, data, seed or attack) in ``out``.
+        shard: ``(i, n)``: attack only the sources with index ``% n == i`` into the cache (an array
+            task; see :func:`transfer_matrix`); writes ``out/shards/I-of-N.json`` instead of the tables
+            and returns ``None``.
 
     Every input is checked before anything is written, so a mistake leaves no output behind.
     """
@@ -678,13 +701,14 @@ def run_matrix(pool_path: str | Path, dataset: str | Any, out: str | Path, *, at
     with dist_utils.process_group(resolve_device(device)):
         return _run_matrix_outputs(pool, ds, dataset, out, pool_path=pool_path, attack=attack, indices=indices,
                                    n_samples=n_samples, batch_size=batch_size, seed=seed, device=device,
-                                   cache_dir=cache_dir, data_root=data_root, force=force)
+                                   cache_dir=cache_dir, data_root=data_root, force=force, shard=shard)
 
 
 def _run_matrix_outputs(pool: Mapping[str, nn.Module], ds: Any, dataset: str | Any, out: Path, *,
                         pool_path: str | Path, attack: AttackConfig, indices: torch.Tensor, n_samples: int,
                         batch_size: int, seed: int, device: str | torch.device, cache_dir: str | Path | None,
-                        data_root: str | None, force: bool = False) -> TransferResult:
+                        data_root: str | None, force: bool = False,
+                        shard: tuple[int, int] | None = None) -> TransferResult | None:
     """Write the run directory and compute the matrix (under ``torchrun``: rank 0 writes, all compute)."""
     from transfer_analysis.data import save_indices
     from transfer_analysis.utils import prepare_out_dir, write_env_json, write_run_config
@@ -707,14 +731,26 @@ def _run_matrix_outputs(pool: Mapping[str, nn.Module], ds: Any, dataset: str | A
             config["processes"] = dist_utils.world_size()
         _check_same_matrix(out, config, force)  # before anything is written
         prepare_out_dir(out, resume=True)
-        save_indices(out / "indices.json", indices, dataset=ds.name, split="test", seed=seed)
-        write_run_config(out, config)
-        write_env_json(out, device)
+        if shard is None:
+            save_indices(out / "indices.json", indices, dataset=ds.name, split="test", seed=seed)
+            write_run_config(out, config)
+            write_env_json(out, device)
     dist_utils.barrier()
     logger.info("%d models, %d test images of %s, attack %s", len(pool), len(indices), ds.name, attack.describe())
     result = transfer_matrix(pool, ds.images("test", indices), ds.labels("test", indices), attack,
                              batch_size=batch_size, device=device, cache_dir=cache_dir, seed=seed, dataset=ds.name,
-                             indices=indices)
+                             indices=indices, shard=shard)
+    if result is None:  # a shard: say what it did; the unsharded run writes the tables
+        from transfer_analysis.utils import atomic_write_json
+
+        sources = [n for i, n in enumerate(pool) if i % shard[1] == shard[0]]
+        if main:
+            atomic_write_json(out / "shards" / f"{shard[0]}-of-{shard[1]}.json",
+                              {"shard": list(shard), "sources": sources, "cache": str(cache_dir.resolve()),
+                               "config": config})
+        logger.info("shard %d/%d: sources %s are in the cache %s; run without --shard to assemble the matrix",
+                    shard[0], shard[1], ", ".join(sources) or "(none)", cache_dir)
+        return None
     if main:
         paths = save_matrix_outputs(result, out)
         logger.info("wrote %s (attacks run: %d, target evaluations: %d, sources fully cached: %d)",

@@ -27,7 +27,9 @@ __all__ = ["plot_heatmap"]
 
 def plot_heatmap(matrix: pd.DataFrame, path: str | os.PathLike, title: str | None = None,
                  colorbar_label: str = "transfer rate", vmin: float = 0.0, vmax: float = 1.0,
-                 cmap: str = "viridis", annotate: bool = True, dpi: int = 150) -> Path:
+                 cmap: str = "viridis", annotate: bool = True, dpi: int = 150,
+                 diagonal: "np.ndarray | list[float] | None" = None,
+                 diagonal_label: str = "white-box success") -> Path:
     """Draw a source x target matrix as an annotated heatmap with a fixed colour scale; write a PNG.
 
     Rows are sources (the matrix index), columns targets. Cells show the value with two decimals
@@ -43,6 +45,9 @@ def plot_heatmap(matrix: pd.DataFrame, path: str | os.PathLike, title: str | Non
         cmap: matplotlib colour map name.
         annotate: write each cell's value.
         dpi: resolution.
+        diagonal: values drawn on the diagonal instead of the matrix's own (for ``transfer_rate``,
+            whose diagonal is 1 by definition: the white-box success rate); those cells are
+            outlined and a note under the figure names them ``diagonal_label``.
 
     Returns:
         The path written.
@@ -51,8 +56,13 @@ def plot_heatmap(matrix: pd.DataFrame, path: str | os.PathLike, title: str | Non
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    values = matrix.to_numpy(dtype=float)
+    values = matrix.to_numpy(dtype=float).copy()
     n_rows, n_cols = values.shape
+    if diagonal is not None:
+        diag = np.asarray(diagonal, dtype=float)
+        if n_rows != n_cols or diag.shape != (n_rows,):
+            raise ValueError(f"diagonal needs {n_rows} values for a square matrix, got shape {diag.shape}")
+        np.fill_diagonal(values, diag)
     side = max(n_rows, n_cols)
     cell = 0.55 if side <= 12 else 0.45
     width = max(4.5, cell * n_cols + 2.8)
@@ -88,6 +98,14 @@ def plot_heatmap(matrix: pd.DataFrame, path: str | os.PathLike, title: str | Non
                 luminance = 0.299 * r + 0.587 * g + 0.114 * b
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=annot_size,
                         color="black" if luminance > 0.5 else "white")
+    if diagonal is not None:
+        from matplotlib.patches import Rectangle
+
+        for i in range(n_rows):
+            ax.add_patch(Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.4,
+                                   linestyle="--"))
+        fig.text(0.01, 0.01, f"outlined diagonal: {diagonal_label} (the conditional rate there is 1 by definition)",
+                 fontsize=max(6, label_size - 2), ha="left", va="bottom")
     bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     bar.set_label(colorbar_label, fontsize=label_size)
     bar.ax.tick_params(labelsize=label_size)

@@ -32,8 +32,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=None, help="comma-separated subset of the pool's model names")
     p.add_argument("--out", required=True, help="output directory (re-running the same matrix into it updates the "
                                                 "outputs; another matrix there is refused)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="an array task: attack only the sources with index %% N == I into --cache (or OUT/cache); "
+                        "a run without --shard over the same cache assembles the matrix with no new attack")
     p.add_argument("--force", action="store_true",
                    help="replace the tables of another matrix (other models, data, seed or attack) in --out")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/8"`` -> ``(2, 8)``; anything else is a one-line refusal.
+
+    Example:
+        >>> parse_shard("0/4")
+        (0, 4)
+    """
+    from transfer_analysis.errors import UserError
+
+    i, sep, n = str(text).partition("/")
+    try:
+        shard = (int(i), int(n))
+    except ValueError:
+        shard = None
+    if not sep or shard is None or not 0 <= shard[0] < shard[1]:
+        raise UserError(f"--shard must be I/N with 0 <= I < N (e.g. 0/4 for the first of 4 tasks), got {text!r}")
+    return shard
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
                           random_start=not args.no_random_start,
                           kwargs=common.parse_json_kwargs(args.attack_kwargs, "--attack-kwargs"))
     names = None if args.models is None else [n.strip() for n in args.models.split(",") if n.strip()]
+    shard = parse_shard(args.shard) if args.shard is not None else None
     run_matrix(args.pool, args.dataset, args.out, attack=attack, n_samples=args.n_samples,
                batch_size=args.batch_size, seed=args.seed, device=device, cache_dir=args.cache, names=names,
-               data_root=args.data_root, download=not args.no_download, force=args.force)
+               data_root=args.data_root, download=not args.no_download, force=args.force, shard=shard)
     return 0

@@ -280,7 +280,8 @@ def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stud
     # matrix
     lines += ["## Transferability", "",
               "`T[s, t]`: among images both models classify correctly and whose attack fools the source s, the "
-              "fraction that also fools the target t (diagonal: white-box success). Files: `transfer_matrix.csv`, "
+              "fraction that also fools the target t (1 on the diagonal by definition; the heatmap's outlined diagonal is "
+              "each model's white-box success rate). Files: `transfer_matrix.csv`, "
               "`transfer_long.csv` (with counts and 95% Wilson intervals).", "",
               "![transferability heatmap](transfer_heatmap.png)", ""]
 
