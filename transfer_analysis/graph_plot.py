@@ -172,7 +172,7 @@ def plot_transfer_graph(graph: nx.Graph, path: str | os.PathLike, highlight: Seq
         >>> p.stat().st_size > 0
         True
     """
-    from .utils import atomic_write
+    from .files import atomic_write
 
     blob = render_transfer_graph(graph, highlight=highlight, title=title, dpi=dpi)
     path = Path(path)

@@ -1328,7 +1328,7 @@ def write_recommendation(rec: Recommendation, path: str | os.PathLike, graph: nx
     Returns:
         The paths written.
     """
-    from .utils import atomic_write, atomic_write_json
+    from .files import atomic_write, atomic_write_json
 
     path = Path(path)
     if path.is_dir():

@@ -6,11 +6,8 @@ Everything here is small and dependency-free beyond torch, so both halves of the
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import io
-import json
 import logging
 import math
 import os
@@ -18,12 +15,9 @@ import platform
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -31,7 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from .console import Interrupted, handle_signals, is_rank_zero, progress, setup_logging  # noqa: F401 - re-exported
 from .errors import UserError
+from .files import (  # noqa: F401 - re-exported
+    _json_default,
+    _output_error,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    read_yaml,
+)
 
 __all__ = [
     "resolve_device",
@@ -210,94 +213,6 @@ def format_eps(eps: float) -> str:
 # --------------------------------------------------------------------------------------------
 # atomic writes and safe loading
 # --------------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
-
-    A crash at any moment leaves either the old file or the new one, never a half-written file.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
-        >>> with atomic_write(p, "w") as f:
-        ...     _ = f.write("hello")
-        >>> p.read_text()
-        'hello'
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise _output_error(path, err) from err
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are as readable as any other file
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, OSError) and err.errno in _ENVIRONMENT_ERRNOS:
-            raise _output_error(path, err) from err
-        raise
-
-
-#: OS errors that say something about where the user asked to write, not about the code
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
-                       errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST}
-
-
-def _output_error(path: Path, err: OSError) -> Exception:
-    """A one-line :class:`UserError` naming the output ``path`` for an OS error on it; others unchanged."""
-    if err.errno not in _ENVIRONMENT_ERRNOS:
-        return err
-    return UserError(f"cannot write {path}: {err.strerror or err}; the files written before it are kept")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text atomically."""
-    with atomic_write(path, "w") as fh:
-        fh.write(text)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist() if obj.numel() != 1 else obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
-
-
-def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON atomically; numbers stay numbers (NumPy and tensor scalars are converted)."""
-    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default, allow_nan=True) + "\n")
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` atomically. Save only tensors and plain types so it loads with weights_only."""
     buf = io.BytesIO()
@@ -356,36 +271,6 @@ def safe_torch_load(path: str | os.PathLike, trust: bool = False, what: str = "c
     except (pickle.UnpicklingError, EOFError, ModuleNotFoundError, AttributeError) as err:
         raise UserError(f"{what} {path} cannot be unpickled even when trusted ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
-
-
-def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
-    """Read a YAML file with the safe loader; a missing or malformed file is a one-line :class:`UserError`.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.yaml"
-        >>> _ = p.write_text("k: [1, 2]")
-        >>> read_yaml(p)
-        {'k': [1, 2]}
-    """
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not a UTF-8 text file (byte {err.start}: {err.reason}); a {what} is YAML "
-                        "text") from err
-    except OSError as err:
-        raise UserError(f"cannot read {what} {path}: {err.strerror or err}") from err
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path} is not valid YAML{at}: {getattr(err, 'problem', err)}") from err
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -487,94 +372,3 @@ def write_env_json(run_dir: str | os.PathLike, device: torch.device | str | None
     return path
 
 
-# --------------------------------------------------------------------------------------------
-# progress and logging
-# --------------------------------------------------------------------------------------------
-def is_rank_zero() -> bool:
-    """True unless this is a non-zero rank of a ``torch.distributed`` job."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def progress(iterable: Iterable | None = None, **kwargs: Any):
-    """A tqdm bar that is silent when stderr is not a terminal or on non-zero ranks."""
-    from tqdm.auto import tqdm
-
-    disable = kwargs.pop("disable", None)
-    if disable is None:
-        disable = not (sys.stderr.isatty() and is_rank_zero())
-    return tqdm(iterable, disable=disable, dynamic_ncols=True, leave=kwargs.pop("leave", False), **kwargs)
-
-
-def setup_logging(level: str | int = "INFO") -> None:
-    """Configure the root logger for the command line (library code only calls ``getLogger``)."""
-    level = level if isinstance(level, int) else getattr(logging, str(level).upper(), logging.INFO)
-    if not is_rank_zero():  # under torchrun, the other ranks only report problems
-        level = max(level, logging.WARNING)
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# signals
-# --------------------------------------------------------------------------------------------
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGINT arrived: unwind (``finally`` blocks run, atomic writes are dropped).
-
-    A subclass of :class:`KeyboardInterrupt`, so ``except Exception`` never swallows it. The
-    ``darht`` command reports it in one line and exits with ``128 + signum`` (130, 143).
-    """
-
-    def __init__(self, signum: int) -> None:
-        self.signum = int(signum)
-        super().__init__(signal.Signals(self.signum).name)
-
-    @property
-    def exit_code(self) -> int:
-        """The shell convention: 128 + the signal number."""
-        return 128 + self.signum
-
-    @property
-    def signal_name(self) -> str:
-        """``SIGTERM`` or ``SIGINT``."""
-        return signal.Signals(self.signum).name
-
-
-@contextlib.contextmanager
-def handle_signals(signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
-    """Turn SIGTERM and SIGINT into :class:`Interrupted` inside the block; restore the old handlers after.
-
-    Work already checkpointed (the last epoch, finished cache entries) stays on disk; a half-written
-    file never replaces a good one, because every write goes through :func:`atomic_write`. Outside
-    the main thread (where handlers cannot be installed) this does nothing.
-
-    Example:
-        >>> import os, signal
-        >>> try:
-        ...     with handle_signals():
-        ...         os.kill(os.getpid(), signal.SIGTERM)
-        ... except Interrupted as err:
-        ...     err.exit_code
-        143
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(signum: int, frame: Any) -> None:  # noqa: ARG001 - the signal API's signature
-        raise Interrupted(signum)
-
-    previous = {}
-    for sig in signals:
-        previous[sig] = signal.signal(sig, _raise)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

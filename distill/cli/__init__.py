@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``darht`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from transfer_analysis.utils import Interrupted, handle_signals, setup_logging
+    from transfer_analysis.console import Interrupted, handle_signals, setup_logging
 
     setup_logging(args.log_level)
     try:

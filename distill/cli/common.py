@@ -41,6 +41,24 @@ def parse_json_kwargs(text: str | None, flag: str) -> dict[str, Any]:
     return value
 
 
-def not_landed(command: str, issue: str) -> int:
-    """What a subcommand whose issue has not landed yet does: say so in one line, exit 2."""
-    raise UserError(f"'darht {command}' is not available yet ({issue} has not landed)")
+def require_files(*inputs: tuple[str | None, str]) -> None:
+    """Refuse a missing input file before any heavy import (torch, timm): ``(path or None, what)``
+    pairs, e.g. ``(args.pool, "pool file")``; the message is the one the loader would give.
+
+    Example:
+        >>> try:
+        ...     require_files((None, "config file"), ("/nonexistent/p.yaml", "pool file"))
+        ... except UserError as err:
+        ...     str(err)
+        'pool file not found: /nonexistent/p.yaml'
+    """
+    from pathlib import Path
+
+    for path, what in inputs:
+        if path is not None and not Path(path).exists():
+            raise UserError(f"{what} not found: {path}")
+
+
+def dataset_file(name: str | None) -> str | None:
+    """The path in a ``--dataset`` value when it names an ``.npz`` file, else ``None``."""
+    return name if name is not None and str(name).endswith(".npz") else None

@@ -114,6 +114,8 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    common.require_files((args.pool, "pool file"), (args.config, "config file"),
+                         (common.dataset_file(args.dataset), "dataset file"))
     from distill.trainer import train
 
     result = train(build_config(args), args.out, resume=args.resume, force=args.force)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from distill.cli.common import add_data_arguments, parse_json_kwargs
 from transfer_analysis.errors import UserError
-from transfer_analysis.utils import read_yaml
+from transfer_analysis.files import read_yaml
 
 if TYPE_CHECKING:
     import torch
@@ -221,6 +221,11 @@ def _indices_path(out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from distill.cli.common import dataset_file, require_files
+
+    if args.model is not None and not Path(args.model).exists():
+        raise UserError(f"--model {args.model} not found; give a 'darht distill' run directory or a weights file")
+    require_files((args.pool, "pool file"), (args.indices, "indices file"), (dataset_file(args.dataset), "dataset file"))
     from distill.evaluation import attack_kind, check_attack_samples, evaluate_robustness, parse_attacks
     from transfer_analysis.data import balanced_subset, load_dataset, load_indices, save_indices
     from transfer_analysis.pool import load_pool

@@ -60,6 +60,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``darht matrix``: parse the flags and call :func:`transfer_analysis.matrix.run_matrix`."""
+    common.require_files((args.pool, "pool file"), (common.dataset_file(args.dataset), "dataset file"))
+    shard = parse_shard(args.shard) if args.shard is not None else None
     from transfer_analysis.attacks import AttackConfig
     from transfer_analysis.matrix import run_matrix
     from transfer_analysis.utils import parse_eps, resolve_device
@@ -71,7 +73,6 @@ def run(args: argparse.Namespace) -> int:
                           random_start=not args.no_random_start,
                           kwargs=common.parse_json_kwargs(args.attack_kwargs, "--attack-kwargs"))
     names = None if args.models is None else [n.strip() for n in args.models.split(",") if n.strip()]
-    shard = parse_shard(args.shard) if args.shard is not None else None
     run_matrix(args.pool, args.dataset, args.out, attack=attack, n_samples=args.n_samples,
                batch_size=args.batch_size, seed=args.seed, device=device, cache_dir=args.cache, names=names,
                data_root=args.data_root, download=not args.no_download, force=args.force, shard=shard)

@@ -22,6 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from distill.cli.common import require_files
+
+    require_files((args.config, "config"))
+
     from distill.pipeline import run_pipeline
     from distill.pipeline.config import describe_plan
 

@@ -328,7 +328,7 @@ def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stud
         bad = students[~students["converged"].astype(bool)]
         unconverged = set(bad["label"])
         if len(bad):
-            lines += [f"**Not converged** (test PGD accuracy moved by 3 points or more over the last two epochs; "
+            lines += ["**Not converged** (test PGD accuracy moved by 3 points or more over the last two epochs; "
                       "no conclusion below is drawn from these labels): "
                       + ", ".join(f"{r.id} ({_fmt(r.pgd_change_last_epochs)})" for r in bad.itertuples()) + ".", ""]
         else:

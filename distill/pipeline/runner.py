@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from distill.pipeline.config import NAMED_SETS, describe_plan, load_study_config, student_runs, student_train_config
+from distill.pipeline.config import describe_plan, load_study_config, student_runs, student_train_config
 from transfer_analysis.errors import UserError
 from transfer_analysis.utils import (
     atomic_write_json,

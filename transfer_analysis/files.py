@@ -1,0 +1,141 @@
+"""Atomic file writes and safe YAML reading (no torch: the command line uses them before any model).
+
+Every output of the toolkit goes through :func:`atomic_write`: a crash leaves the old file or the
+new one, never half of one; an OS error on the path (disk full, read-only) is a one-line
+:class:`~transfer_analysis.errors.UserError` naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "read_yaml"]
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
+
+    A crash at any moment leaves either the old file or the new one, never a half-written file.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
+        >>> with atomic_write(p, "w") as f:
+        ...     _ = f.write("hello")
+        >>> p.read_text()
+        'hello'
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _output_error(path, err) from err
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are as readable as any other file
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno in _ENVIRONMENT_ERRNOS:
+            raise _output_error(path, err) from err
+        raise
+
+
+#: OS errors that say something about where the user asked to write, not about the code
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
+                       errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST}
+
+
+def _output_error(path: Path, err: OSError) -> Exception:
+    """A one-line :class:`UserError` naming the output ``path`` for an OS error on it; others unchanged."""
+    if err.errno not in _ENVIRONMENT_ERRNOS:
+        return err
+    return UserError(f"cannot write {path}: {err.strerror or err}; the files written before it are kept")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text atomically."""
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if type(obj).__module__.startswith("torch") and hasattr(obj, "tolist"):  # a tensor (torch not imported here)
+        return obj.tolist() if obj.numel() != 1 else obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically; numbers stay numbers (NumPy and tensor scalars are converted)."""
+    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default, allow_nan=True) + "\n")
+
+
+def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
+    """Read a YAML file with the safe loader; a missing or malformed file is a one-line :class:`UserError`.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.yaml"
+        >>> _ = p.write_text("k: [1, 2]")
+        >>> read_yaml(p)
+        {'k': [1, 2]}
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not a UTF-8 text file (byte {err.start}: {err.reason}); a {what} is YAML "
+                        "text") from err
+    except OSError as err:
+        raise UserError(f"cannot read {what} {path}: {err.strerror or err}") from err
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path} is not valid YAML{at}: {getattr(err, 'problem', err)}") from err
