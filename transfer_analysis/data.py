@@ -286,8 +286,6 @@ def load_indices(path: str | os.PathLike) -> torch.Tensor:
                                                for v in values):
         raise UserError(f"{path}: 'indices' must be a list of non-negative integers (no fractions, which would be "
                         "truncated to other images)")
-    if len(set(values)) != len(values):
-        raise UserError(f"{path}: 'indices' names an image twice")
     return torch.tensor(values, dtype=torch.long)
 
 
