@@ -21,7 +21,12 @@ def model() -> nn.Module:
 def test_builtins_and_listing():
     assert list_attacks() == ["apgd", "fgsm", "mifgsm", "pgd"]
     every = list_attacks(include_torchattacks=True)
-    assert {"bim", "tpgd", "apgdt", "ffgsm", "square", "pgd"} <= set(every)
+    assert {"bim", "tpgd", "apgdt", "ffgsm", "pgd"} <= set(every)
+    # under their standard names torchattacks' AutoAttack and Square would run weaker defaults: refused
+    assert not {"autoattack", "square"} & set(every)
+    for name in ("autoattack", "AutoAttack", "square"):
+        with pytest.raises(UserError, match="darht evaluate --attacks autoattack"):
+            get_attack_spec(name)
     assert not {"cw", "pgdl2", "deepfool", "jsma", "multiattack", "lgv", "onepixel"} & set(every)
 
 

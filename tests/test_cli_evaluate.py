@@ -189,3 +189,30 @@ def test_console_script_exit_code(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "not found" in proc.stderr
+
+
+def test_autoattack_also_writes_a_robustbench_model_info(tmp_path, weights):
+    """Issue 13: with standard AutoAttack, <stem>.robustbench.json in RobustBench's model_info shape;
+    its clean accuracy is on the AutoAttack images (here a nested 8 of 16)."""
+    from distill.robustbench import MODEL_INFO_FIELDS
+
+    path, _ = weights
+    out = tmp_path / "m.json"
+    rc = _evaluate("--model", str(path), "--arch", "resnet18_cifar", "--model-kwargs", '{"width": 4}',
+                   "--attacks", "clean,autoattack", "--attack-samples", "autoattack=8", "--n-samples", "16",
+                   "--eps", "8/255", "--out", str(out))
+    assert rc == 0
+    m = json.loads(out.read_text())
+    info = json.loads((tmp_path / "m.robustbench.json").read_text())
+    assert list(info)[:len(MODEL_INFO_FIELDS)] == list(MODEL_INFO_FIELDS)
+    assert info["eps"] == "8/255" and info["dataset"] == DATASET and info["architecture"] == "resnet18_cifar"
+    assert info["threat_model"] == "Linf" and info["n_examples"] == 8
+    assert info["autoattack_acc"] == f"{100 * m['accuracy']['autoattack']:.2f}"
+    assert info["clean_acc"] == f"{100 * m['diagnostics']['subsets']['accuracy_common']['clean']:.2f}"
+    # the side file is claimed like the others: a second run without --force is refused
+    assert _evaluate("--model", str(path), "--arch", "resnet18_cifar", "--model-kwargs", '{"width": 4}',
+                     "--attacks", "clean,autoattack", "--n-samples", "16", "--out", str(tmp_path / "m2.json")) == 0
+    (tmp_path / "m3.robustbench.json").write_text("earlier")
+    assert _evaluate("--model", str(path), "--arch", "resnet18_cifar", "--model-kwargs", '{"width": 4}',
+                     "--attacks", "clean,autoattack", "--n-samples", "16", "--out", str(tmp_path / "m3.json")) == 2
+    assert (tmp_path / "m3.robustbench.json").read_text() == "earlier"

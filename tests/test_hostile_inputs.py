@@ -307,3 +307,16 @@ def test_relative_checkpoint_in_a_study_pool_is_found(tmp_path):
     pool_yaml = _stage_pool(loaded, tmp_path / "run", None, "cpu")
     [entry] = read_pool_config(pool_yaml)
     assert Path(entry.checkpoint).is_file() and torch.load is not None
+
+
+def test_truncated_torch_file_is_named_truncated_not_unsafe(tmp_path):
+    from transfer_analysis.errors import UserError
+    from transfer_analysis.utils import safe_torch_load
+
+    torch.save({"w": torch.ones(3)}, tmp_path / "ok.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:60])
+    for trust in (False, True):
+        with pytest.raises(UserError, match="truncated or not a torch file") as err:
+            safe_torch_load(tmp_path / "cut.pt", trust=trust, what="resume checkpoint", trust_hint=None)
+        assert "unpickling" not in str(err.value) and "--trust-checkpoint" not in str(err.value)
+    assert torch.equal(safe_torch_load(tmp_path / "ok.pt")["w"], torch.ones(3))

@@ -64,6 +64,10 @@ DEFAULT_STEPS = 10
 _EPS_PARAMS = ("eps", "max_epsilon")
 _STEPS_PARAMS = ("steps", "num_iter_set", "nb_iter")
 _STEP_SIZE_PARAMS = ("alpha",)
+# torchattacks classes whose defaults differ from the standard AutoAttack that their names promise:
+# refused in this registry (the matrix), which would run them as they are (issue 13)
+_NOT_STANDARD = {"autoattack": "10 APGD iterations, not 100, and no version='standard' checks",
+                 "square": "torchattacks' rescaled Square schedule, not AutoAttack's 5000-query Square"}
 # torchattacks classes with an ε that is not an L∞ radius, and wrappers that take no model/ε.
 _NOT_LINF = {"pgdl2": "an L2 attack", "pgdrsl2": "an L2 attack", "multiattack": "a wrapper of attacks",
              "lgv": "a wrapper that trains surrogate models"}
@@ -222,7 +226,7 @@ def _torchattacks_linf_classes() -> dict[str, type]:
         if not (isinstance(obj, type) and issubclass(obj, base)) or obj is base:
             continue
         key = canonical_attack_name(attr)
-        if key in _NOT_LINF:
+        if key in _NOT_LINF or key in _NOT_STANDARD:
             continue
         params = _init_params(obj)
         if not any(p in params for p in _EPS_PARAMS):
@@ -299,6 +303,11 @@ def get_attack_spec(name: str) -> AttackSpec:
     key = canonical_attack_name(name)
     if key in _REGISTRY:
         return _REGISTRY[key]
+    if key in _NOT_STANDARD:
+        raise UserError(f"attack {name!r} here would be torchattacks' {key} class with its own defaults "
+                        f"({_NOT_STANDARD[key]}), a weaker attack under the standard name; for the standard "
+                        "AutoAttack evaluate a model with 'darht evaluate --attacks autoattack', and for a "
+                        "matrix use apgd (APGD-CE) or pgd")
     if key in _NOT_LINF:
         raise UserError(f"attack {name!r} is {_NOT_LINF[key]}, not an L-inf attack; "
                         f"use one of {', '.join(list_attacks())} or another torchattacks L-inf attack")

@@ -207,17 +207,22 @@ def load_weights_model(weights: Path, arch: str | None, model_kwargs: dict[str, 
 # --------------------------------------------------------------------------------------------
 # run
 # --------------------------------------------------------------------------------------------
-def _check_out(out: Path, force: bool = False) -> None:
-    """Claim ``--out`` and its side file ``<stem>.indices.json`` before any work."""
+def _check_out(out: Path, force: bool = False, robustbench: bool = False) -> None:
+    """Claim ``--out`` and its side files (``<stem>.indices.json``, ``<stem>.robustbench.json`` with
+    standard AutoAttack) before any work."""
     from transfer_analysis.rundir import claim_output_files
 
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name such as {out / 'metrics.json'}")
-    claim_output_files([out, _indices_path(out)], force=force)
+    claim_output_files([out, _indices_path(out), *([_robustbench_path(out)] if robustbench else [])], force=force)
 
 
 def _indices_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}.indices.json")
+
+
+def _robustbench_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}.robustbench.json")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer, got {args.batch_size}")
     out = Path(args.out)
-    _check_out(out, force=args.force)
+    _check_out(out, force=args.force, robustbench="autoattack" in attacks)
     sources = [a.split(":", 1)[1] for a in attacks if attack_kind(a) == "transfer"]
     if args.name is not None and args.pool is None:
         raise UserError("--name selects a model of a pool; give --pool POOL.yaml too")
@@ -305,6 +310,14 @@ def run(args: argparse.Namespace) -> int:
     })
     save_indices(indices_path, indices, dataset=args.dataset, split="test", seed=args.seed)
     atomic_write_json(out, metrics)
+    if "autoattack" in attacks:  # the same result in RobustBench's model_info shape
+        from distill.robustbench import model_info
+
+        arch = args.arch or getattr(getattr(model, "entry", None), "arch", None) or \
+            (getattr(model, "spec", None) or {}).get("arch") or type(model).__name__
+        atomic_write_json(_robustbench_path(out), model_info(metrics, dataset=args.dataset, architecture=arch,
+                                                             name=Path(described).stem))
+        logger.info("wrote %s (RobustBench model_info shape)", _robustbench_path(out))
     width = max(len(k) for k in metrics["accuracy"])
     for name, acc in metrics["accuracy"].items():
         logger.info("  %-*s %.4f", width, name, acc)
