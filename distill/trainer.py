@@ -165,6 +165,7 @@ class TrainConfig:
     final_attack_samples: dict[str, int] = field(default_factory=dict)
     final_check_eps_sweep: bool = True
     eval_seed: int | None = None
+    ema: float | None = None
     amp: bool = True
     channels_last: bool = False
     compile: bool = False
@@ -311,6 +312,11 @@ def resolve_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
                 "compile"):
         if key in data:
             data[key] = _as_bool(data[key], key)
+    if data.get("ema") is not None:
+        decay = _as_float(data["ema"], "ema")
+        if not 0 < decay < 1:
+            raise UserError(f"ema is the decay of the weights' moving average, in (0, 1) (e.g. 0.999), got {decay!r}")
+        data["ema"] = decay
     data["seed"] = _as_int(data.get("seed", 0), "seed", 0)
     data["device"] = str(data.get("device") or "auto")
     for key in ("pool", "data_root"):
@@ -532,6 +538,22 @@ def _check_run_dir(out: Path, *, resume: bool, force: bool) -> None:
         raise UserError(f"nothing to resume in {out}: it holds no run (no config.yaml); drop --resume to start one")
 
 
+def _make_ema(student: nn.Module, decay: float | None) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of the student (weights and buffers: batch-norm statistics too),
+    updated after every optimizer step; ``None`` without ``decay``.
+
+    Example:
+        >>> ema = _make_ema(nn.Linear(2, 1), 0.9)
+        >>> type(ema).__name__, ema.n_averaged.item()
+        ('AveragedModel', 0)
+    """
+    if decay is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def _finished_run(out: Path, cfg: TrainConfig) -> TrainResult:
     """A resume of a run that already finished: nothing is trained, evaluated or written again."""
     import json
@@ -596,6 +618,7 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
     student = build_student(cfg.student, data.num_classes, num_teachers, in_chans=data.in_chans,
                             image_size=data.image_size, mean=mean, std=std, **student_kwargs)
     student.to(device)
+    ema = _make_ema(student, cfg.ema)
     for model in teacher_models.values():
         model.to(device)
     if cfg.channels_last:
@@ -649,6 +672,8 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
         scheduler.load_state_dict(ckpt["scheduler"])
         generator.set_state(ckpt["data_generator"])
         method.load_state_dict(ckpt["method"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         saved_world = int(ckpt.get("world_size", 1))
         if world == 1 and saved_world == 1:
             set_rng_state(ckpt["rng"])
@@ -729,6 +754,8 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
                 loss.backward()  # under torchrun, DDP averages the gradients over the ranks here
                 optimizer.step()
                 scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(student)
                 n = len(y)
                 seen += n
                 loss_sum += loss_value * n
@@ -739,7 +766,8 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}")
             if world > 1:
                 sums, loss_sum, correct, seen = _all_reduce_sums(sums, loss_sum, correct, seen)
-            clean_acc, pgd_acc = _evaluate_epoch(student, x_eval, y_eval, cfg, device, epoch) if main else \
+            reported = student if ema is None else ema.module  # with --ema the average is the reported model
+            clean_acc, pgd_acc = _evaluate_epoch(reported, x_eval, y_eval, cfg, device, epoch) if main else \
                 (float("nan"), float("nan"))
             row: dict[str, float] = {"epoch": epoch + 1, "lr": lr_now, "loss": loss_sum / seen}
             for key, total in sums.items():
@@ -758,6 +786,8 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
                 "method": method.state_dict(),
                 "history": history,
             }
+            if ema is not None:
+                ckpt["ema"] = ema.state_dict()
             if world > 1:
                 ckpt["world_size"] = world
                 ckpt["rng_ranks"] = dist_utils.all_gather_object(ckpt["rng"])
@@ -774,6 +804,8 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
         logger.info("stopped after epoch %d of %d; continue with --resume", len(history), cfg.epochs)
         return TrainResult(run_dir, student, history, None, False, cfg)
 
+    if ema is not None:  # the reported model is the moving average (its buffers averaged too)
+        student = ema.module
     student.eval()
     if not main:  # rank 0 writes the student and runs the final evaluation
         return TrainResult(run_dir, student, history, None, True, cfg)
@@ -791,7 +823,8 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
         "dataset": data.name,
         "train_seconds": sum(row["epoch_time_s"] for row in history),
         "last_epoch": history[-1] if history else None,
-        "model_selection": "last epoch (no selection on the test set)",
+        "model_selection": "last epoch (no selection on the test set)" + (
+            f"; exponential moving average of the weights and buffers, decay {cfg.ema}" if cfg.ema else ""),
         "seed": cfg.seed,
         **peak_memory(device),
     }

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from distill.methods import get_method_class
@@ -233,3 +234,42 @@ def test_compile_compiles_the_student_and_every_teacher(data, tmp_path: Path, mo
     compiled.clear()
     train(_config(epochs=1), tmp_path / "plain", dataset=data, teachers=_teachers())
     assert compiled == []
+
+
+def test_ema_is_the_reported_model_recorded_and_resumable(data, tmp_path: Path) -> None:
+    """Issue 14: --ema keeps an exponential moving average (weights and buffers), evaluated each epoch
+    and saved as the student; recorded in config.yaml; a resume ends bit-identical."""
+    from distill.student import load_student
+
+    decay = 0.8
+    cfg = _config(method="pgd-at", method_kwargs={"steps": 1}, epochs=2, ema=decay)
+    full = train(cfg, tmp_path / "full", dataset=data)
+    assert yaml.safe_load((tmp_path / "full" / "config.yaml").read_text())["ema"] == decay
+    ckpt = safe_torch_load(tmp_path / "full" / "checkpoint.pt")
+    raw, avg = ckpt["student"], {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    assert raw.keys() == avg.keys() and int(ckpt["ema"]["n_averaged"]) == 2 * 3  # 2 epochs x 3 steps
+    assert any(not torch.equal(raw[k], avg[k]) for k in raw)  # the average is not the last weights
+    saved = load_student(tmp_path / "full").state_dict()
+    for key, value in saved.items():  # the reported (saved) model is the average
+        assert torch.equal(value, avg[key]), key
+    assert "moving average" in full.metrics["training"]["model_selection"]
+    train(cfg, tmp_path / "cut", dataset=data, stop_after_epochs=1)
+    resumed = train(cfg, tmp_path / "cut", dataset=data, resume=True)
+    for key, value in full.student.state_dict().items():
+        assert torch.equal(value, resumed.student.state_dict()[key]), key
+    with pytest.raises(UserError, match="ema is the decay"):
+        resolve_config(_config(ema=1.5))
+
+
+def test_ema_update_rule_by_hand() -> None:
+    from distill.trainer import _make_ema
+
+    net = nn.Linear(1, 1, bias=False)
+    ema = _make_ema(net, 0.9)
+    seen = []
+    for w in (1.0, 2.0, 4.0):
+        with torch.no_grad():
+            net.weight.fill_(w)
+        ema.update_parameters(net)
+        seen.append(float(ema.module.weight.detach()))
+    assert seen == pytest.approx([1.0, 0.9 * 1.0 + 0.1 * 2.0, 0.9 * 1.1 + 0.1 * 4.0])

@@ -26,7 +26,7 @@ HELP = "Distill a robust student (DARHT or a baseline) from a teacher set"
 # flag dest -> TrainConfig key, for the flags that map one to one (None = not given)
 _DIRECT = ("method", "student", "dataset", "data_root", "pool", "epochs", "batch_size", "lr", "optimizer", "momentum",
            "weight_decay", "lr_schedule", "eps", "eval_samples", "eval_pgd_steps", "eval_batch_size",
-           "final_eval_samples", "amp", "channels_last", "compile", "seed", "device")
+           "final_eval_samples", "ema", "amp", "channels_last", "compile", "seed", "device")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--milestones", default=None, metavar="F,F,...",
                    help="LR x gamma at these fractions of training, e.g. 0.5,0.75")
     t.add_argument("--eps", default=None, help="L-inf radius, a number or a fraction (default 8/255)")
+    t.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="keep an exponential moving average of the student (weights and buffers, e.g. 0.999): "
+                        "it is evaluated each epoch and is the reported model")
     t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast on CUDA; attack gradients stay fp32 (default on)")
     t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
