@@ -93,7 +93,11 @@ SWEEP_EPS = 0.5             # the large ε of the sweep (or 4 ε if larger, at m
 SWEEP_SAMPLES = 200         # points of the sweep subset
 SWEEP_MAX_ACCURACY = 0.1    # PGD accuracy above this at the large ε is flagged
 GRADIENT_SAMPLES = 512      # points whose input gradient is checked for all-zeros
-RANDOMNESS_TOLERANCE = 1e-4  # max L2 difference of L2-normalized logits between two forwards
+RANDOMNESS_TOLERANCE = 1e-4  # max L2 difference of L2-normalized logits between forwards (AutoAttack's alpha)
+RANDOMNESS_FORWARDS = 5      # forwards compared by the randomness check (AutoAttack's check_randomized: 5)
+SQUARE_TOLERANCE = 0.002     # AutoAttack's check_square_sr: Square may lower accuracy by at most 0.2%
+UPPER_BOUND_NOTE = ("a gradient-masking check fired: the robust accuracies are upper bounds, not estimates "
+                    "(see flags)")
 
 _PGD_RE = re.compile(r"^pgd(\d+)$")
 _CW_RE = re.compile(r"^cw(\d+)$")
@@ -545,38 +549,56 @@ def noise_tolerance(n: int) -> float:
 
 
 def _zero_gradient_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                         device: torch.device) -> tuple[int, int]:
-    """(samples with an all-zero input gradient of the CE loss, samples checked)."""
+                         device: torch.device, eps: float = 0.0, seed: int = 0) -> tuple[int, int]:
+    """(samples with an all-zero input gradient, samples checked).
+
+    Stricter than AutoAttack's ``check_zero_gradients`` (the CE gradient at the clean points): a
+    sample counts when the gradient of the cross-entropy *or* of the margin loss is all zero at the
+    clean point *or* at a seeded uniform point of the ε-ball, where a quantized or saturated model
+    that happens to have a gradient at the clean point has none.
+    """
     idx = torch.arange(min(len(y), GRADIENT_SAMPLES))
+    g = torch.Generator().manual_seed(int(seed) + 7)
     zero = 0
     with eval_mode(model), torch.enable_grad():
         for chunk in _chunks(idx, batch_size):
-            xb = x[chunk].to(device).clone().requires_grad_(True)
-            loss = F.cross_entropy(model(xb).float(), y[chunk].to(device), reduction="sum")
-            if not loss.requires_grad:  # the graph does not reach the input at all
-                zero += len(chunk)
-                continue
-            (grad,) = torch.autograd.grad(loss, xb, allow_unused=True)
-            if grad is None:
-                zero += len(chunk)
-                continue
-            zero += int((grad.flatten(1).abs().amax(1) == 0).sum())
+            x0, yb = x[chunk].to(device), y[chunk].to(device)
+            noise = (torch.rand(x0.shape, generator=g) * 2 - 1).to(device) * eps
+            bad = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+            for start in ((x0,) if eps <= 0 else (x0, (x0 + noise).clamp(0, 1))):
+                for loss_name in ("ce", "margin"):
+                    xb = start.clone().requires_grad_(True)
+                    logits = model(xb).float()
+                    loss = F.cross_entropy(logits, yb, reduction="sum") if loss_name == "ce" else \
+                        _margin_sum(logits, yb)
+                    grad = torch.autograd.grad(loss, xb, allow_unused=True)[0] if loss.requires_grad else None
+                    bad |= True if grad is None else grad.flatten(1).abs().amax(1) == 0
+            zero += int(bad.sum())
     return zero, len(idx)
+
+
+def _margin_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch of CW's margin ``max_{j != y} z_j - z_y``."""
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return (other - logits.gather(1, y[:, None]).squeeze(1)).sum()
 
 
 @torch.no_grad()
 def _randomness_check(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device,
-                      ) -> tuple[float, bool, int]:
-    """(max L2 difference of normalized logits between two forwards, outputs look like probabilities,
-    distinct predicted classes)."""
+                      ) -> tuple[float, bool, int, bool]:
+    """(max L2 difference of normalized logits over every pair of :data:`RANDOMNESS_FORWARDS`
+    forwards, outputs look like probabilities, distinct predicted classes, predictions changed):
+    AutoAttack's ``check_randomized``, which also uses 5 forwards."""
     xb = x[:batch_size].to(device)
     with eval_mode(model):
-        a, b = model(xb).float(), model(xb).float()
-    na = a / (a.norm(dim=1, keepdim=True) + 1e-10)
-    nb = b / (b.norm(dim=1, keepdim=True) + 1e-10)
-    diff = float((na - nb).norm(dim=1).max())
+        outs = [model(xb).float() for _ in range(RANDOMNESS_FORWARDS)]
+    normed = [o / (o.norm(dim=1, keepdim=True) + 1e-10) for o in outs]
+    diff = max(float((normed[i] - normed[j]).norm(dim=1).max())
+               for i in range(len(outs)) for j in range(i + 1, len(outs)))
+    preds_changed = any(not torch.equal(outs[0].argmax(1), o.argmax(1)) for o in outs[1:])
+    a = outs[0]
     probs = bool(a.max() < 1 + 1e-5 and a.min() > -1e-5 and ((a.sum(1) - 1).abs() < 1e-5).all())
-    return diff, probs, int(a.argmax(1).unique().numel())
+    return diff, probs, int(a.argmax(1).unique().numel()), preds_changed
 
 
 def _eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps: float,
@@ -655,11 +677,12 @@ def masking_flags(accuracy: Mapping[str, float], n: int, diagnostics: Mapping[st
         after = comp.get("accuracy_after") or {}
         order = [c for c in comp.get("components_run", []) if c in after]
         if "square" in order and order.index("square") > 0:
-            before = after[order[order.index("square") - 1]]
-            if before - after["square"] > tol:
+            # AutoAttack's check_square_sr: the lowest accuracy before Square, and its 0.2% threshold
+            before = min(after[c] for c in order[:order.index("square")])
+            if before - after["square"] > SQUARE_TOLERANCE:
                 flags.append(f"square-stronger: in {aa}, the black-box Square attack lowered accuracy from "
                              f"{before:.4f} to {after['square']:.4f} after the gradient-based components "
-                             "(gradient masking?)")
+                             f"(more than AutoAttack's {SQUARE_TOLERANCE:.1%}: gradient masking?)")
 
     sweep = diag.get("eps_sweep")
     if sweep:
@@ -671,9 +694,11 @@ def masking_flags(accuracy: Mapping[str, float], n: int, diagnostics: Mapping[st
                          f"should fall toward 0 as eps grows (gradient masking?{hint})")
 
     rnd = diag.get("randomness_max_diff")
-    if rnd is not None and rnd > RANDOMNESS_TOLERANCE:
-        flags.append(f"randomized: logits differ between two forwards in eval mode (normalized difference "
-                     f"{rnd:.2g}); a randomized defense needs EOT attacks")
+    if (rnd is not None and rnd > RANDOMNESS_TOLERANCE) or diag.get("randomness_predictions_changed"):
+        flags.append(f"randomized: logits differ between {RANDOMNESS_FORWARDS} forwards in eval mode (normalized "
+                     f"difference {rnd:.2g}"
+                     + ("; predictions changed" if diag.get("randomness_predictions_changed") else "")
+                     + "); a randomized defense needs EOT attacks (AutoAttack's rand version)")
 
     if diag.get("outputs_are_probabilities"):
         flags.append("probabilities: the outputs look like probabilities (in [0, 1], summing to 1), not logits; "
@@ -778,12 +803,13 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         diagnostics: dict[str, Any] = {}
         t0 = time.perf_counter()
         if attacked:
-            zero, checked = _zero_gradient_check(model, x, y, batch_size, dev)
+            zero, checked = _zero_gradient_check(model, x, y, batch_size, dev, eps=eps_f, seed=seed)
             diagnostics["zero_gradient_count"] = zero
             diagnostics["zero_gradient_checked"] = checked
             diagnostics["zero_gradient_fraction"] = zero / checked
-        rnd, probs, distinct = _randomness_check(model, x, batch_size, dev)
+        rnd, probs, distinct, changed = _randomness_check(model, x, batch_size, dev)
         diagnostics["randomness_max_diff"] = rnd
+        diagnostics["randomness_predictions_changed"] = changed
         diagnostics["outputs_are_probabilities"] = probs
         diagnostics["predicted_classes"] = distinct
         has_white = any(attack_kind(k) in ("fgsm", "pgd", "cw", "autoattack") for k in names)
@@ -830,6 +856,7 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     }
     return {"n": n, "eps": eps_f, "accuracy": acc, "n_per_attack": {k: len(results[k]) for k in names},
             "worst_case": int(worst.sum()) / n_common, "worst_case_n": n_common, "flags": flags,
+            "upper_bound": bool(flags), "upper_bound_note": UPPER_BOUND_NOTE if flags else None,
             "settings": settings, "diagnostics": diagnostics}
 
 

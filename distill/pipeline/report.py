@@ -392,7 +392,8 @@ def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stud
     flagged = students[students.get("flags", pd.Series([""] * len(students))).fillna("") != ""] \
         if "flags" in students else students.iloc[0:0]
     if len(flagged):
-        lines += ["", "Gradient-masking flags raised by the evaluation:", ""]
+        lines += ["", "Gradient-masking flags raised by the evaluation (the robust accuracies of these students are "
+                  "upper bounds, not estimates):", ""]
         for r in flagged.itertuples():
             lines.append(f"- {r.label} seed {r.seed}: {r.flags}")
     lines.append("")
