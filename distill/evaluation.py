@@ -18,6 +18,8 @@ Attacks (L∞, images in [0, 1], the model in eval mode):
   seeded. Each component runs only on the points still robust; a point counts as robust only if
   every component fails on it. With fewer than 10 classes, C - 1 targets are used; APGD-T's
   targeted DLR loss needs 4 classes, so below that it is skipped (and said so in ``diagnostics``).
+- ``autoattack-rand``: AutoAttack's ``version="rand"`` for randomized defenses: APGD-CE and
+  APGD-DLR, each averaging ``eot_iter`` (default 20) gradient samples per step (EOT).
 - ``autoattack-fast``: a cheaper, *non-standard* variant: APGD-CE + APGD-T only (no FAB-T, no
   Square). Do not report it as AutoAttack.
 - ``transfer:NAME``: black-box transfer: PGD-20 crafted white-box on pool model NAME, evaluated
@@ -49,7 +51,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -81,7 +83,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ATTACKS: tuple[str, ...] = ("clean", "fgsm", "pgd20", "cw", "autoattack")
 VALID_ATTACKS_TEXT = ("clean, fgsm, pgd20 (pgdN for N steps), cw (cwN for N steps), autoattack, "
-                      "autoattack-fast, transfer:NAME")
+                      "autoattack-rand, autoattack-fast, transfer:NAME")
 
 CW_STEPS = 30
 CW_KAPPA = 50.0
@@ -139,7 +141,7 @@ def parse_attacks(spec: str | Iterable[str]) -> list[str]:
                 if int(m.group(1)) < 1:
                     raise UserError(f"attack {item!r} needs at least one step, e.g. pgd20")
                 name = f"{name[:-len(m.group(1))]}{int(m.group(1))}"
-            elif name not in ("clean", "fgsm", "cw", "autoattack", "autoattack-fast"):
+            elif name not in ("clean", "fgsm", "cw", *AUTOATTACK_VERSIONS):
                 raise UserError(f"unknown attack {item!r}; valid: {VALID_ATTACKS_TEXT}")
         if name not in out:
             out.append(name)
@@ -198,6 +200,8 @@ class AutoAttackConfig:
     square_p_init: float = 0.8
     square_restarts: int = 1
     square_rescale_schedule: bool = False
+    #: gradient samples averaged per APGD step (expectation over transformation); 1 = deterministic model
+    eot_iter: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -208,11 +212,33 @@ class AutoAttackConfig:
 AUTOATTACK_STANDARD = AutoAttackConfig()
 AUTOATTACK_FAST = AutoAttackConfig(name="fast (non-standard: APGD-CE + APGD-T only)",
                                    components=("apgd-ce", "apgd-t"))
-_AA_COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
+#: AutoAttack's version="rand" for randomized defenses: APGD-CE and APGD-DLR, 20 EOT samples per step
+AUTOATTACK_RAND = AutoAttackConfig(name="rand", components=("apgd-ce", "apgd-dlr"), eot_iter=20)
+#: attack name -> its AutoAttack version
+AUTOATTACK_VERSIONS = {"autoattack": AUTOATTACK_STANDARD, "autoattack-fast": AUTOATTACK_FAST,
+                       "autoattack-rand": AUTOATTACK_RAND}
+
+
+def autoattack_config_for(name: str, override: AutoAttackConfig | None = None,
+                          eot_iter: int | None = None) -> AutoAttackConfig:
+    """The AutoAttack settings that ``name`` runs: the one rule behind evaluation and its record.
+
+    ``override`` replaces the version's settings (quick tests only); ``eot_iter`` sets the EOT
+    samples of ``autoattack-rand`` (default 20, AutoAttack's).
+
+    Example:
+        >>> autoattack_config_for("autoattack-rand", eot_iter=5).eot_iter, autoattack_config_for("autoattack").name
+        (5, 'standard')
+    """
+    cfg = override or AUTOATTACK_VERSIONS[name]
+    if name == "autoattack-rand" and eot_iter is not None:
+        cfg = replace(cfg, eot_iter=int(eot_iter))
+    return cfg
+_AA_COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr")
 
 
 def attack_settings(name: str, eps: float, autoattack_config: AutoAttackConfig | None = None,
-                    ) -> dict[str, Any]:
+                    eot_iter: int | None = None) -> dict[str, Any]:
     """The settings one attack runs with (what ``metrics.json`` records under ``settings``).
 
     Example:
@@ -231,7 +257,7 @@ def attack_settings(name: str, eps: float, autoattack_config: AutoAttackConfig |
     if kind == "transfer":
         return {"source": name.split(":", 1)[1], "crafted_with": f"pgd{TRANSFER_STEPS}", "loss": "ce",
                 "steps": TRANSFER_STEPS, "alpha": eps / 4, "start": "uniform"}
-    cfg = autoattack_config or (AUTOATTACK_FAST if name == "autoattack-fast" else AUTOATTACK_STANDARD)
+    cfg = autoattack_config_for(name, autoattack_config, eot_iter)
     return {"version": cfg.name, "library": "torchattacks components", **cfg.to_dict()}
 
 
@@ -351,10 +377,10 @@ def build_autoattack(model: nn.Module, eps: float, n_classes: int,
     # torchattacks prints when it cannot guess the device (a model without parameters): keep stdout clean.
     with contextlib.redirect_stdout(io.StringIO()) as out:
         for name in config.components:
-            if name == "apgd-ce":
+            if name in ("apgd-ce", "apgd-dlr"):
                 atk = torchattacks.APGD(model, norm="Linf", eps=eps, steps=config.apgd_steps,
-                                        n_restarts=config.apgd_restarts, seed=seed, loss="ce", eot_iter=1,
-                                        rho=config.apgd_rho, verbose=False)
+                                        n_restarts=config.apgd_restarts, seed=seed, loss=name.split("-")[1],
+                                        eot_iter=config.eot_iter, rho=config.apgd_rho, verbose=False)
             elif name == "apgd-t":
                 targets = min(config.apgdt_targets, n_classes - 1)
                 if n_classes < 4 or targets < 1:
@@ -362,7 +388,7 @@ def build_autoattack(model: nn.Module, eps: float, n_classes: int,
                                    n_classes)
                     continue
                 atk = torchattacks.APGDT(model, norm="Linf", eps=eps, steps=config.apgdt_steps,
-                                         n_restarts=config.apgdt_restarts, seed=seed, eot_iter=1,
+                                         n_restarts=config.apgdt_restarts, seed=seed, eot_iter=config.eot_iter,
                                          rho=config.apgd_rho, verbose=False, n_classes=targets + 1)
             elif name == "fab-t":
                 targets = min(config.fab_targets, n_classes - 1)
@@ -434,7 +460,7 @@ def _pgd_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: torc
 def _attack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, name: str,
                     eps: float, batch_size: int, pool: Mapping[str, nn.Module] | None, seed: int,
                     n_classes: int, device: torch.device, autoattack_config: AutoAttackConfig | None,
-                    details: dict[str, Any]) -> torch.Tensor:
+                    details: dict[str, Any], eot_iter: int | None = None) -> torch.Tensor:
     kind = attack_kind(name)
     if kind == "clean":
         return clean.clone()
@@ -456,7 +482,7 @@ def _attack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: t
         if eps == 0:
             details["components_run"] = []
             return clean.clone()
-        cfg = autoattack_config or (AUTOATTACK_FAST if name == "autoattack-fast" else AUTOATTACK_STANDARD)
+        cfg = autoattack_config_for(name, autoattack_config, eot_iter)
         with eval_mode(model):
             return _autoattack_correct(model, x, y, clean, eps, n_classes, cfg, batch_size, seed, device, details)
 
@@ -716,7 +742,7 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                         check_eps_sweep: bool = True, *,
                         autoattack_config: AutoAttackConfig | None = None,
                         attack_samples: Mapping[str, int] | None = None,
-                        subset_seed: int | None = None) -> dict[str, Any]:
+                        subset_seed: int | None = None, eot_iter: int | None = None) -> dict[str, Any]:
     """Evaluate ``model`` under every attack in ``attacks``; return the ``metrics.json`` dict.
 
     Args:
@@ -739,6 +765,8 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             masking flags use the samples every attack ran on, so they compare like with like.
         subset_seed: seeds those subsets (default: ``seed``); fix it to evaluate several models on
             the same samples while their attacks are seeded differently.
+        eot_iter: EOT gradient samples per step of ``autoattack-rand`` (AutoAttack's rand version for
+            randomized models; default 20).
 
     Returns:
         ``{"n", "eps", "accuracy": {attack: fraction}, "n_per_attack": {attack: samples},
@@ -791,7 +819,7 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             pos = subsets.get(name)
             xs, ys, cs = (x, y, clean) if pos is None else (x[pos], y[pos], clean[pos])
             results[name] = _attack_correct(model, xs, ys, cs, name, eps_f, batch_size, pool, seed, classes, dev,
-                                            autoattack_config, info)
+                                            autoattack_config, info, eot_iter)
             seconds[name] = time.perf_counter() - t0
             if attack_kind(name) == "autoattack":
                 details[name] = info
@@ -850,7 +878,7 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         "n_classes": classes,
         "device": str(dev),
         "check_eps_sweep": bool(check_eps_sweep),
-        "attack_settings": {name: attack_settings(name, eps_f, autoattack_config) for name in names},
+        "attack_settings": {name: attack_settings(name, eps_f, autoattack_config, eot_iter) for name in names},
         "attack_samples": {k: len(v) for k, v in subsets.items()},
         "noise_tolerance": noise_tolerance(n_common),
     }

@@ -581,3 +581,18 @@ def test_square_check_uses_autoattacks_threshold():
     # 0.3 points at n = 1000: the old noise tolerance (1.1 points) hid it; AutoAttack warns above 0.2
     assert [f.split(":")[0] for f in masking_flags(acc, 1000, diag(0.497))] == ["square-stronger"]
     assert masking_flags(acc, 1000, diag(0.499)) == []
+
+
+def test_autoattack_rand_averages_eot_samples_on_a_randomized_model():
+    net, ds = _linear_model()
+    model = _Randomized(net)
+    m = evaluate_robustness(model, ds.images("test")[:24], ds.labels("test")[:24],
+                            attacks=["clean", "autoattack-rand"], eps=0.1, batch_size=24, device="cpu",
+                            check_eps_sweep=False, eot_iter=2)
+    settings = m["settings"]["attack_settings"]["autoattack-rand"]
+    assert settings["version"] == "rand" and settings["components"] == ["apgd-ce", "apgd-dlr"]
+    assert settings["eot_iter"] == 2
+    assert m["diagnostics"]["autoattack"]["autoattack-rand"]["components_run"] == ["apgd-ce", "apgd-dlr"]
+    assert 0 <= m["accuracy"]["autoattack-rand"] <= m["accuracy"]["clean"]
+    assert "randomized" in [f.split(":")[0] for f in m["flags"]]
+    assert ev.autoattack_config_for("autoattack-rand").eot_iter == 20  # AutoAttack's default

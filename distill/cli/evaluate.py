@@ -82,6 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="images per attack batch (default 256)")
     p.add_argument("--no-eps-sweep", action="store_true",
                    help="skip the large-eps PGD check for gradient masking")
+    p.add_argument("--eot-iter", type=int, default=None, metavar="N",
+                   help="EOT gradient samples per step of autoattack-rand (AutoAttack's rand version for randomized "
+                        "models; default 20)")
     p.add_argument("--out", required=True, help="metrics JSON to write (e.g. metrics.json)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
 
@@ -243,6 +246,9 @@ def run(args: argparse.Namespace) -> int:
     attack_samples = check_attack_samples(parse_attack_samples(args.attack_samples), ["clean", *attacks])
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.eot_iter is not None and (args.eot_iter < 1 or "autoattack-rand" not in attacks):
+        raise UserError("--eot-iter N (N >= 1) sets the EOT samples of autoattack-rand: add autoattack-rand to "
+                        f"--attacks (got {args.eot_iter} with {','.join(attacks)})")
     out = Path(args.out)
     _check_out(out, force=args.force, robustbench="autoattack" in attacks)
     sources = [a.split(":", 1)[1] for a in attacks if attack_kind(a) == "transfer"]
@@ -297,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate_robustness(model, x, y, attacks=attacks, eps=eps, batch_size=args.batch_size,
                                   pool={s: pool[s] for s in sources}, seed=args.seed, device=device,
                                   n_classes=ds.num_classes, check_eps_sweep=not args.no_eps_sweep,
-                                  attack_samples=attack_samples, subset_seed=args.seed)
+                                  attack_samples=attack_samples, subset_seed=args.seed, eot_iter=args.eot_iter)
     indices_path = _indices_path(out)
     metrics["settings"].update({
         "model": described,
