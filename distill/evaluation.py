@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -412,8 +413,13 @@ def build_autoattack(model: nn.Module, eps: float, n_classes: int,
 
 def _autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, eps: float,
                         n_classes: int, config: AutoAttackConfig, batch_size: int, seed: int,
-                        device: torch.device, details: dict[str, Any]) -> torch.Tensor:
-    """AutoAttack per sample: each component on the points still robust; worst case per point."""
+                        device: torch.device, details: dict[str, Any], state: Any = None,
+                        attack_name: str = "autoattack") -> torch.Tensor:
+    """AutoAttack per sample: each component on the points still robust; worst case per point.
+
+    With a ``state`` (:class:`distill.eval_state.EvalState`), the points still robust are saved
+    after every component, and components finished before an interruption are skipped.
+    """
     robust = clean.clone()
     comps = build_autoattack(model, eps, n_classes, config, seed=seed, device=device)
     details["components_run"] = [name for name, _ in comps]
@@ -423,7 +429,14 @@ def _autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clea
     if "apgd-t" in config.components and "apgd-t" not in details["components_run"]:
         details["skipped"] = f"apgd-t (needs >= 4 classes, the data has {n_classes})"
     after: dict[str, float] = {}
+    finished: list[str] = []
+    if state is not None and attack_name in state.partial:
+        part = state.partial[attack_name]
+        robust, after, finished = part["robust"].to(robust.device).clone(), dict(part["after"]), \
+            list(part["components_done"])
     for name, atk in comps:
+        if name in finished:
+            continue
         idx = robust.nonzero().flatten()
         for chunk in progress(list(_chunks(idx, batch_size)), desc=f"autoattack {name}"):
             xb, yb = x[chunk].to(device), y[chunk].to(device)
@@ -434,6 +447,8 @@ def _autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clea
             robust[chunk[fooled]] = False
         after[name] = int(robust.sum()) / len(robust)
         logger.debug("autoattack: accuracy %.4f after %s", after[name], name)
+        if state is not None:
+            state.component_done(attack_name, name, robust, after)
     details["accuracy_after"] = after
     return robust
 
@@ -460,7 +475,7 @@ def _pgd_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: torc
 def _attack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, name: str,
                     eps: float, batch_size: int, pool: Mapping[str, nn.Module] | None, seed: int,
                     n_classes: int, device: torch.device, autoattack_config: AutoAttackConfig | None,
-                    details: dict[str, Any], eot_iter: int | None = None) -> torch.Tensor:
+                    details: dict[str, Any], eot_iter: int | None = None, state: Any = None) -> torch.Tensor:
     kind = attack_kind(name)
     if kind == "clean":
         return clean.clone()
@@ -484,7 +499,8 @@ def _attack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: t
             return clean.clone()
         cfg = autoattack_config_for(name, autoattack_config, eot_iter)
         with eval_mode(model):
-            return _autoattack_correct(model, x, y, clean, eps, n_classes, cfg, batch_size, seed, device, details)
+            return _autoattack_correct(model, x, y, clean, eps, n_classes, cfg, batch_size, seed, device, details,
+                                       state=state, attack_name=name)
 
 
 def _transfer_source(name: str, pool: Mapping[str, nn.Module] | None) -> nn.Module:
@@ -742,7 +758,8 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                         check_eps_sweep: bool = True, *,
                         autoattack_config: AutoAttackConfig | None = None,
                         attack_samples: Mapping[str, int] | None = None,
-                        subset_seed: int | None = None, eot_iter: int | None = None) -> dict[str, Any]:
+                        subset_seed: int | None = None, eot_iter: int | None = None,
+                        state_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Evaluate ``model`` under every attack in ``attacks``; return the ``metrics.json`` dict.
 
     Args:
@@ -767,6 +784,10 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             the same samples while their attacks are seeded differently.
         eot_iter: EOT gradient samples per step of ``autoattack-rand`` (AutoAttack's rand version for
             randomized models; default 20).
+        state_path: keep a resumable state there (:mod:`distill.eval_state`): every finished attack
+            and AutoAttack component is saved, and a later call with the same model, data and
+            settings continues from it and returns exactly the same metrics. The caller deletes it
+            once the result is written (:meth:`~distill.eval_state.EvalState.remove`).
 
     Returns:
         ``{"n", "eps", "accuracy": {attack: fraction}, "n_per_attack": {attack: samples},
@@ -811,6 +832,14 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                             "check num_classes of the model")
         classes = int(n_classes) if n_classes is not None else n_logits
         results["clean"] = clean
+        state = None
+        if state_path is not None:
+            from distill.eval_state import EvalState, evaluation_key
+
+            defining = {"attacks": names, "eps": eps_f, "seed": int(seed), "batch_size": batch_size,
+                        "classes": classes, "subsets": {k: v.tolist() for k, v in subsets.items()},
+                        "settings": {k: attack_settings(k, eps_f, autoattack_config, eot_iter) for k in names}}
+            state = EvalState(state_path, evaluation_key(model, x, y, defining))
         for name in names:
             if name == "clean":
                 continue
@@ -818,8 +847,13 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             info: dict[str, Any] = {}
             pos = subsets.get(name)
             xs, ys, cs = (x, y, clean) if pos is None else (x[pos], y[pos], clean[pos])
-            results[name] = _attack_correct(model, xs, ys, cs, name, eps_f, batch_size, pool, seed, classes, dev,
-                                            autoattack_config, info, eot_iter)
+            if state is not None and name in state.done:  # finished before an interruption
+                results[name], info = state.done[name].to(clean.device), dict(state.details[name])
+            else:
+                results[name] = _attack_correct(model, xs, ys, cs, name, eps_f, batch_size, pool, seed, classes,
+                                                dev, autoattack_config, info, eot_iter, state)
+                if state is not None:
+                    state.finish(name, results[name], info)
             seconds[name] = time.perf_counter() - t0
             if attack_kind(name) == "autoattack":
                 details[name] = info

@@ -111,6 +111,8 @@ LR_SCHEDULES: tuple[str, ...] = ("step", "cosine", "cyclic", "constant")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 DEFAULT_FINAL_ATTACKS: tuple[str, ...] = ("clean", "fgsm", "pgd20", "cw", "autoattack")
 CHECKPOINT_NAME = "checkpoint.pt"
+#: the final evaluation's resumable state (distill.eval_state), deleted once metrics.json is written
+FINAL_EVAL_STATE = "final_eval.state.pt"
 CHECKPOINT_FORMAT = "darht-train-1"
 
 # Used when neither the user nor the method's reference protocol sets them.
@@ -829,6 +831,7 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
         **peak_memory(device),
     }
     atomic_write_json(run_dir / "metrics.json", metrics)
+    (run_dir / FINAL_EVAL_STATE).unlink(missing_ok=True)  # the evaluation is complete and written
     logger.info("done: %s; peak memory %.0f MB (%s)", ", ".join(f"{k} {v:.4f}" for k, v in metrics["accuracy"].items()),
                 metrics["training"]["peak_memory_mb"], metrics["training"]["peak_memory_kind"])
     return TrainResult(run_dir, student, history, metrics, True, cfg)
@@ -894,4 +897,5 @@ def _final_evaluation(student: Student, data: ImageDataset, cfg: TrainConfig, de
                                batch_size=cfg.eval_batch_size or cfg.batch_size, pool=dict(pool) or None,
                                seed=cfg.seed, device=device, n_classes=data.num_classes,
                                check_eps_sweep=cfg.final_check_eps_sweep,
-                               attack_samples=cfg.final_attack_samples, subset_seed=_eval_seed(cfg))
+                               attack_samples=cfg.final_attack_samples, subset_seed=_eval_seed(cfg),
+                               state_path=run_dir / FINAL_EVAL_STATE)

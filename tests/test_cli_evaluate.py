@@ -216,3 +216,35 @@ def test_autoattack_also_writes_a_robustbench_model_info(tmp_path, weights):
     assert _evaluate("--model", str(path), "--arch", "resnet18_cifar", "--model-kwargs", '{"width": 4}',
                      "--attacks", "clean,autoattack", "--n-samples", "16", "--out", str(tmp_path / "m3.json")) == 2
     assert (tmp_path / "m3.robustbench.json").read_text() == "earlier"
+
+
+def test_killed_evaluate_resumes_with_resume_to_identical_metrics(tmp_path, weights, capsys, monkeypatch):
+    """Issue 13: an interrupted darht evaluate leaves no --out, only its state; --resume finishes it with
+    the metrics of an uninterrupted run; without --resume the state is not silently dropped."""
+    import distill.evaluation as ev
+
+    path, _ = weights
+    base = ["--model", str(path), "--arch", "resnet18_cifar", "--model-kwargs", '{"width": 4}',
+            "--attacks", "clean,fgsm,pgd5,cw5", "--n-samples", "16"]
+    assert _evaluate(*base, "--out", str(tmp_path / "ref.json")) == 0
+    real = ev._attack_correct
+
+    def killed_at_cw(model, x, y, clean, name, *a, **k):
+        if name == "cw5":
+            raise KeyboardInterrupt
+        return real(model, x, y, clean, name, *a, **k)
+
+    monkeypatch.setattr(ev, "_attack_correct", killed_at_cw)
+    out = tmp_path / "m.json"
+    assert _evaluate(*base, "--out", str(out)) == 130
+    assert not out.exists() and (tmp_path / "m.state.pt").is_file()
+    monkeypatch.setattr(ev, "_attack_correct", real)
+    capsys.readouterr()
+    assert _evaluate(*base, "--out", str(out)) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert _evaluate(*base, "--out", str(out), "--resume") == 0
+    assert not (tmp_path / "m.state.pt").exists()
+    got, ref = json.loads(out.read_text()), json.loads((tmp_path / "ref.json").read_text())
+    assert got["accuracy"] == ref["accuracy"] and got["worst_case"] == ref["worst_case"] and got["flags"] == ref["flags"]
+    assert _evaluate(*base, "--out", str(out), "--resume") == 2  # complete: nothing to resume
+    assert "nothing to resume" in capsys.readouterr().err

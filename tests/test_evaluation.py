@@ -596,3 +596,44 @@ def test_autoattack_rand_averages_eot_samples_on_a_randomized_model():
     assert 0 <= m["accuracy"]["autoattack-rand"] <= m["accuracy"]["clean"]
     assert "randomized" in [f.split(":")[0] for f in m["flags"]]
     assert ev.autoattack_config_for("autoattack-rand").eot_iter == 20  # AutoAttack's default
+
+
+# ------------------------------------------------------------------ issue 13: resumable evaluation
+def _strip_times(m):
+    m = dict(m)
+    m["diagnostics"] = {k: v for k, v in m["diagnostics"].items() if k != "seconds"}
+    return m
+
+
+def test_interrupted_evaluation_resumes_to_identical_metrics(tmp_path, monkeypatch):
+    import torchattacks
+
+    from distill.eval_state import EvalState
+
+    net, ds = _linear_model(seed=2)
+    x, y = ds.images("test")[:32], ds.labels("test")[:32]
+    quick = dataclasses.replace(ev.AUTOATTACK_STANDARD, apgd_steps=5, apgdt_steps=5, fab_steps=5, square_queries=30)
+    kw = dict(attacks=["clean", "fgsm", "pgd5", "autoattack"], eps=0.1, batch_size=16, device="cpu",
+              autoattack_config=quick, seed=4)
+    reference = evaluate_robustness(net, x, y, **kw)
+    state = tmp_path / "m.state.pt"
+    original = torchattacks.APGDT.forward
+
+    def stop(self, *a, **k):  # killed inside AutoAttack, after APGD-CE
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torchattacks.APGDT, "forward", stop)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_robustness(net, x, y, state_path=state, **kw)
+    monkeypatch.setattr(torchattacks.APGDT, "forward", original)
+    saved = EvalState(state, key=torch.load(state, weights_only=True)["key"])
+    assert sorted(saved.done) == ["fgsm", "pgd5"] and saved.partial["autoattack"]["components_done"] == ["apgd-ce"]
+    rerun = []
+    real_pgd = ev._pgd_correct
+    monkeypatch.setattr(ev, "_pgd_correct", lambda *a, **k: rerun.append(k["desc"]) or real_pgd(*a, **k))
+    resumed = evaluate_robustness(net, x, y, state_path=state, **kw)
+    assert _strip_times(resumed) == _strip_times(reference)
+    assert "fgsm" not in rerun and "pgd5" not in rerun  # finished attacks are not run again
+    # a state is never mixed into another evaluation
+    with pytest.raises(UserError, match="state of another evaluation"):
+        evaluate_robustness(net, x, y, state_path=state, **{**kw, "eps": 0.2})

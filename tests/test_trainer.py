@@ -273,3 +273,26 @@ def test_ema_update_rule_by_hand() -> None:
         ema.update_parameters(net)
         seen.append(float(ema.module.weight.detach()))
     assert seen == pytest.approx([1.0, 0.9 * 1.0 + 0.1 * 2.0, 0.9 * 1.1 + 0.1 * 4.0])
+
+
+def test_run_killed_in_its_final_evaluation_resumes_there(data, tmp_path: Path, monkeypatch) -> None:
+    """Issue 13: the final evaluation keeps a state; a resume finishes it without retraining."""
+    import distill.evaluation as ev
+
+    cfg = _config(method="standard", method_kwargs={}, epochs=1, final_attacks=["clean", "fgsm", "pgd5"])
+    full = train(cfg, tmp_path / "full", dataset=data)
+    real = ev._attack_correct
+
+    def killed(model, x, y, clean, name, *a, **k):
+        if name == "pgd5":
+            raise KeyboardInterrupt
+        return real(model, x, y, clean, name, *a, **k)
+
+    monkeypatch.setattr(ev, "_attack_correct", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", dataset=data)
+    assert (tmp_path / "cut" / "final_eval.state.pt").is_file() and not (tmp_path / "cut" / "metrics.json").exists()
+    monkeypatch.setattr(ev, "_attack_correct", real)
+    resumed = train(cfg, tmp_path / "cut", dataset=data, resume=True)
+    assert resumed.metrics["accuracy"] == full.metrics["accuracy"]
+    assert not (tmp_path / "cut" / "final_eval.state.pt").exists()

@@ -86,7 +86,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="EOT gradient samples per step of autoattack-rand (AutoAttack's rand version for randomized "
                         "models; default 20)")
     p.add_argument("--out", required=True, help="metrics JSON to write (e.g. metrics.json)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file (and drop a saved state)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted evaluation from OUT_STEM.state.pt (same metrics as an "
+                        "uninterrupted run)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,14 +213,29 @@ def load_weights_model(weights: Path, arch: str | None, model_kwargs: dict[str, 
 # --------------------------------------------------------------------------------------------
 # run
 # --------------------------------------------------------------------------------------------
-def _check_out(out: Path, force: bool = False, robustbench: bool = False) -> None:
+def _check_out(out: Path, force: bool = False, robustbench: bool = False, resume: bool = False) -> None:
     """Claim ``--out`` and its side files (``<stem>.indices.json``, ``<stem>.robustbench.json`` with
-    standard AutoAttack) before any work."""
+    standard AutoAttack, the resumable ``<stem>.state.pt``) before any work."""
     from transfer_analysis.rundir import claim_output_files
 
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name such as {out / 'metrics.json'}")
+    state = _state_path(out)
+    if resume and force:
+        raise UserError("--resume continues an evaluation and --force replaces it; give one of them")
+    if resume and not state.is_file():
+        raise UserError(f"nothing to resume: {state} does not exist"
+                        + (f" ({out} is complete)" if out.is_file() else ""))
+    if not resume and not force and state.is_file():
+        raise UserError(f"an interrupted evaluation left {state}; pass --resume to continue it or --force to "
+                        "start over")
     claim_output_files([out, _indices_path(out), *([_robustbench_path(out)] if robustbench else [])], force=force)
+    if force and state.is_file():
+        state.unlink()
+
+
+def _state_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}.state.pt")
 
 
 def _indices_path(out: Path) -> Path:
@@ -250,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--eot-iter N (N >= 1) sets the EOT samples of autoattack-rand: add autoattack-rand to "
                         f"--attacks (got {args.eot_iter} with {','.join(attacks)})")
     out = Path(args.out)
-    _check_out(out, force=args.force, robustbench="autoattack" in attacks)
+    _check_out(out, force=args.force, robustbench="autoattack" in attacks, resume=args.resume)
     sources = [a.split(":", 1)[1] for a in attacks if attack_kind(a) == "transfer"]
     if args.name is not None and args.pool is None:
         raise UserError("--name selects a model of a pool; give --pool POOL.yaml too")
@@ -303,7 +321,8 @@ def run(args: argparse.Namespace) -> int:
     metrics = evaluate_robustness(model, x, y, attacks=attacks, eps=eps, batch_size=args.batch_size,
                                   pool={s: pool[s] for s in sources}, seed=args.seed, device=device,
                                   n_classes=ds.num_classes, check_eps_sweep=not args.no_eps_sweep,
-                                  attack_samples=attack_samples, subset_seed=args.seed, eot_iter=args.eot_iter)
+                                  attack_samples=attack_samples, subset_seed=args.seed, eot_iter=args.eot_iter,
+                                  state_path=_state_path(out))
     indices_path = _indices_path(out)
     metrics["settings"].update({
         "model": described,
@@ -324,6 +343,7 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_json(_robustbench_path(out), model_info(metrics, dataset=args.dataset, architecture=arch,
                                                              name=Path(described).stem))
         logger.info("wrote %s (RobustBench model_info shape)", _robustbench_path(out))
+    _state_path(out).unlink(missing_ok=True)  # complete: the result is written
     width = max(len(k) for k in metrics["accuracy"])
     for name, acc in metrics["accuracy"].items():
         logger.info("  %-*s %.4f", width, name, acc)
