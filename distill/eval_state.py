@@ -55,11 +55,16 @@ def evaluation_key(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, set
 
 
 class EvalState:
-    """The on-disk state of one evaluation (``path``; ``None``: in memory only, nothing saved)."""
+    """The on-disk state of one evaluation (``path``; ``None``: in memory only, nothing saved).
 
-    def __init__(self, path: str | Path | None, key: str) -> None:
+    ``write=False`` (the non-zero ranks of a ``torchrun`` evaluation) reads the state but never
+    writes or deletes it.
+    """
+
+    def __init__(self, path: str | Path | None, key: str, write: bool = True) -> None:
         self.path = Path(path) if path is not None else None
         self.key = key
+        self.write = write
         self.done: dict[str, torch.Tensor] = {}
         self.details: dict[str, dict[str, Any]] = {}
         self.partial: dict[str, dict[str, Any]] = {}  # AutoAttack: robust after each finished component
@@ -77,7 +82,7 @@ class EvalState:
                         "".join(f"; {a} after {', '.join(p['components_done'])}" for a, p in self.partial.items()))
 
     def _save(self) -> None:
-        if self.path is not None:
+        if self.path is not None and self.write:
             atomic_torch_save({"format": STATE_FORMAT, "key": self.key, "done": self.done, "details": self.details,
                                "partial": self.partial}, self.path)
 
@@ -98,5 +103,5 @@ class EvalState:
 
     def remove(self) -> None:
         """Delete the state (the evaluation is complete and its result written)."""
-        if self.path is not None and self.path.is_file():
+        if self.path is not None and self.write and self.path.is_file():
             self.path.unlink()

@@ -308,6 +308,37 @@ def _chunks(indices: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         yield indices[start:start + batch_size]
 
 
+def _my_groups(n: int, batch_size: int) -> list[tuple[int, torch.Tensor]]:
+    """This process's fixed groups of sample positions: ``(g, positions)`` for group ``g`` of
+    ``[g * batch_size, (g + 1) * batch_size)``, every ``world``-th group under ``torchrun``.
+
+    A group is the unit of seeding and of sharding: each attack call sees the points of one group
+    (those still to attack) and is seeded from the group's index, so the result of every sample
+    is the same whatever the number of processes.
+    """
+    from transfer_analysis import distributed as dist_utils
+
+    world, rank = dist_utils.world_size(), dist_utils.rank()
+    return [(g, idx) for g, idx in enumerate(_chunks(torch.arange(n), batch_size)) if g % world == rank]
+
+
+def _group_seed(seed: int, group: int) -> int:
+    return int(seed) * 1_000_003 + int(group)
+
+
+def _gather_groups(values: torch.Tensor, groups: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """Every process's results on its groups, merged into one vector (the input for one process)."""
+    from transfer_analysis import distributed as dist_utils
+
+    if dist_utils.world_size() == 1:
+        return values
+    pos = torch.cat([idx for _, idx in groups]) if groups else torch.zeros(0, dtype=torch.long)
+    out = values.clone()
+    for their_pos, their_values in dist_utils.all_gather_object((pos, values[pos].cpu())):
+        out[their_pos] = their_values.to(out.device)
+    return out
+
+
 @contextlib.contextmanager
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Seed torch for the block without disturbing the caller's RNG streams."""
@@ -434,17 +465,21 @@ def _autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clea
         part = state.partial[attack_name]
         robust, after, finished = part["robust"].to(robust.device).clone(), dict(part["after"]), \
             list(part["components_done"])
+    groups = _my_groups(len(y), batch_size)
     for name, atk in comps:
         if name in finished:
             continue
-        idx = robust.nonzero().flatten()
-        for chunk in progress(list(_chunks(idx, batch_size)), desc=f"autoattack {name}"):
+        for _, group in progress(groups, desc=f"autoattack {name}"):
+            chunk = group[robust[group]]  # each component on the points of the group still robust
+            if not len(chunk):
+                continue
             xb, yb = x[chunk].to(device), y[chunk].to(device)
             with contextlib.redirect_stdout(io.StringIO()):
-                x_adv = atk(xb, yb)
+                x_adv = atk(xb, yb)  # torchattacks seeds every call with the component's seed
             x_adv = _project(x_adv.detach().to(device), xb, eps, name)
             fooled = (_predict(model, x_adv) != yb).cpu()
             robust[chunk[fooled]] = False
+        robust = _gather_groups(robust, groups)
         after[name] = int(robust.sum()) / len(robust)
         logger.debug("autoattack: accuracy %.4f after %s", after[name], name)
         if state is not None:
@@ -458,18 +493,23 @@ def _autoattack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clea
 # --------------------------------------------------------------------------------------------
 def _pgd_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, *, eps: float,
                  alpha: float, steps: int, loss: str, start: str, batch_size: int, device: torch.device,
-                 desc: str, source: nn.Module | None = None) -> torch.Tensor:
-    """Correct under L∞ PGD crafted on ``source`` (default: the model itself), only clean-correct points."""
+                 desc: str, source: nn.Module | None = None, seed: int = 0) -> torch.Tensor:
+    """Correct under L∞ PGD crafted on ``source`` (default: the model itself), only clean-correct
+    points; each fixed group of samples seeded by itself (:func:`_my_groups`)."""
     robust = clean.clone()
     attacker = source if source is not None else model
-    idx = clean.nonzero().flatten()
+    groups = _my_groups(len(y), batch_size)
     with eval_mode(attacker):
-        for chunk in progress(list(_chunks(idx, batch_size)), desc=desc):
+        for g, group in progress(groups, desc=desc):
+            chunk = group[clean[group]]
+            if not len(chunk):
+                continue
             xb, yb = x[chunk].to(device), y[chunk].to(device)
-            x_adv = pgd_attack(attacker, xb, yb, eps=eps, alpha=alpha, steps=steps, loss=loss, start=start,
-                               kappa=CW_KAPPA)
+            with _seeded(_group_seed(seed, g), device):
+                x_adv = pgd_attack(attacker, xb, yb, eps=eps, alpha=alpha, steps=steps, loss=loss, start=start,
+                                   kappa=CW_KAPPA)
             robust[chunk] = (_predict(model, x_adv) == yb).cpu()
-    return robust
+    return _gather_groups(robust, groups)
 
 
 def _attack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, name: str,
@@ -482,17 +522,18 @@ def _attack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: t
     with _seeded(seed, device):
         if kind == "fgsm":
             return _pgd_correct(model, x, y, clean, eps=eps, alpha=eps, steps=1, loss="ce", start="zero",
-                                batch_size=batch_size, device=device, desc=name)
+                                batch_size=batch_size, device=device, desc=name, seed=seed)
         if kind in ("pgd", "cw"):
             return _pgd_correct(model, x, y, clean, eps=eps, alpha=eps / 4, steps=_steps(name),
                                 loss="ce" if kind == "pgd" else "margin", start="uniform",
-                                batch_size=batch_size, device=device, desc=name)
+                                batch_size=batch_size, device=device, desc=name, seed=seed)
         if kind == "transfer":
             source = _transfer_source(name, pool)
             if _model_device(source, device) != device:
                 source.to(device)
             return _pgd_correct(model, x, y, clean, eps=eps, alpha=eps / 4, steps=TRANSFER_STEPS, loss="ce",
-                                start="uniform", batch_size=batch_size, device=device, desc=name, source=source)
+                                start="uniform", batch_size=batch_size, device=device, desc=name, source=source,
+                                seed=seed)
         # AutoAttack
         if eps == 0:
             details["components_run"] = []
@@ -653,12 +694,12 @@ def _eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean: torch.
     xs, ys, cs = x[sub], y[sub], clean[sub]
     with _seeded(seed, device):
         large = _pgd_correct(model, xs, ys, cs, eps=big, alpha=big / 4, steps=20, loss="ce", start="uniform",
-                             batch_size=batch_size, device=device, desc="eps sweep")
+                             batch_size=batch_size, device=device, desc="eps sweep", seed=seed)
         if "pgd20" in results:
             at_eps = results["pgd20"][sub]
         else:
             at_eps = _pgd_correct(model, xs, ys, cs, eps=eps, alpha=eps / 4, steps=20, loss="ce", start="uniform",
-                                  batch_size=batch_size, device=device, desc="eps sweep (eps)")
+                                  batch_size=batch_size, device=device, desc="eps sweep (eps)", seed=seed)
     return {"attack": "pgd20", "eps": big, "n": int(len(sub)), "accuracy": int(large.sum()) / len(sub),
             "accuracy_at_eps": int(at_eps.sum()) / len(sub)}
 
@@ -839,7 +880,10 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             defining = {"attacks": names, "eps": eps_f, "seed": int(seed), "batch_size": batch_size,
                         "classes": classes, "subsets": {k: v.tolist() for k, v in subsets.items()},
                         "settings": {k: attack_settings(k, eps_f, autoattack_config, eot_iter) for k in names}}
-            state = EvalState(state_path, evaluation_key(model, x, y, defining))
+            from transfer_analysis import distributed as dist_utils
+
+            # every process reads the state; rank 0 alone writes it
+            state = EvalState(state_path, evaluation_key(model, x, y, defining), write=dist_utils.rank() == 0)
         for name in names:
             if name == "clean":
                 continue
@@ -892,6 +936,10 @@ def evaluate_robustness(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         on_common[name] = full[common]
     n_common = len(common)
     worst = torch.stack(list(on_common.values())).all(0)
+    from transfer_analysis import distributed as dist_utils
+
+    # how the fixed groups of samples were shared out (under torchrun: every world-th group per process)
+    diagnostics["groups_per_process"] = [int(k) for k in dist_utils.all_gather_object(len(_my_groups(n, batch_size)))]
     diagnostics["correct"] = {name: int(results[name].sum()) for name in names}
     diagnostics["worst_case_correct"] = int(worst.sum())
     diagnostics["seconds"] = seconds

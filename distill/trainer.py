@@ -584,8 +584,8 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
     and, by DDP, before each training forward;
     teachers stay unwrapped and frozen on every rank; the logged sums are all-reduced, so
     ``summary.csv`` holds what one process would log up to floating point and the per-rank
-    batch-norm statistics; rank 0 alone writes files and
-    runs the per-epoch and final evaluations. The checkpoint holds every rank's RNG states;
+    batch-norm statistics; rank 0 alone writes files and runs the per-epoch evaluation; the final
+    evaluation is sharded over every rank (the same metrics as one process). The checkpoint holds every rank's RNG states;
     resuming with another number of processes continues the same data order and schedule but
     re-seeds the per-rank random streams (a warning says so), so it is not bit-identical.
     """
@@ -809,11 +809,13 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
     if ema is not None:  # the reported model is the moving average (its buffers averaged too)
         student = ema.module
     student.eval()
-    if not main:  # rank 0 writes the student and runs the final evaluation
-        return TrainResult(run_dir, student, history, None, True, cfg)
-    save_student(student, run_dir / "student.safetensors",
-                 extra_metadata={"method": method.name, "epochs": cfg.epochs, "teachers": list(teacher_models)})
+    if main:
+        save_student(student, run_dir / "student.safetensors",
+                     extra_metadata={"method": method.name, "epochs": cfg.epochs, "teachers": list(teacher_models)})
+    # every rank takes part (the samples are sharded, the metrics are those of one process); rank 0 writes
     metrics = _final_evaluation(student, data, cfg, device, run_dir, transfer_pool)
+    if not main:
+        return TrainResult(run_dir, student, history, None, True, cfg)
     metrics["training"] = {
         "method": method.name,
         "method_config": method.config(),
@@ -891,7 +893,8 @@ def _final_evaluation(student: Student, data: ImageDataset, cfg: TrainConfig, de
     n_test = len(data.y_test)
     n = cfg.final_eval_samples if cfg.final_eval_samples is not None else n_test
     idx = balanced_subset(data.y_test, n, seed=_eval_seed(cfg))
-    save_indices(run_dir / "final_eval_indices.json", idx, split="test", dataset=data.name, seed=_eval_seed(cfg))
+    if dist_utils.rank() == 0:
+        save_indices(run_dir / "final_eval_indices.json", idx, split="test", dataset=data.name, seed=_eval_seed(cfg))
     x, y = data.images("test", idx), data.labels("test", idx)
     return evaluate_robustness(student, x, y, attacks=cfg.final_attacks, eps=cfg.eps,
                                batch_size=cfg.eval_batch_size or cfg.batch_size, pool=dict(pool) or None,

@@ -185,3 +185,30 @@ def test_matrix_with_two_processes_matches_one(tmp_path: Path, write_pool) -> No
         assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text(), name
     # each source was attacked once, by one rank, into the shared cache
     assert len(list((tmp_path / "two" / "cache" / "adv").iterdir())) == 3
+
+
+def test_evaluate_with_two_processes_matches_one(tmp_path: Path) -> None:
+    """Issue 13: darht evaluate under torchrun shards the samples (fixed, seeded groups) and rank 0
+    writes the same metrics as one process, AutoAttack included."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from transfer_analysis.pool import create_timm_model
+
+    torch.manual_seed(0)
+    net = create_timm_model("resnet18_cifar", num_classes=4, in_chans=1, width=4)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    args = ["evaluate", "--model", str(tmp_path / "w.safetensors"), "--arch", "resnet18_cifar", "--model-kwargs",
+            '{"width": 4}', "--dataset", DATASET, "--n-samples", "24", "--batch-size", "8", "--eps", "0.1",
+            "--attacks", "clean,fgsm,pgd5,cw5,autoattack", "--device", "cpu", "--seed", "1"]
+    assert main([*args, "--out", str(tmp_path / "one.json"), "--log-level", "WARNING"]) == 0
+    _torchrun([*args, "--out", str(tmp_path / "two.json")], cwd=tmp_path)
+    one, two = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("one", "two"))
+    assert two["settings"]["processes"] == 2 and one["settings"]["processes"] == 1
+    # 24 samples in groups of 8: one process attacked all 3 groups, the two processes 2 and 1
+    assert one["diagnostics"]["groups_per_process"] == [3] and two["diagnostics"]["groups_per_process"] == [2, 1]
+    assert one["accuracy"] == two["accuracy"] and one["worst_case"] == two["worst_case"]
+    assert one["flags"] == two["flags"]
+    assert one["diagnostics"]["autoattack"] == two["diagnostics"]["autoattack"]
+    assert not list(tmp_path.glob("*.state.pt"))

@@ -318,11 +318,22 @@ def run(args: argparse.Namespace) -> int:
     x = ds.images("test", indices)
     y = ds.labels("test", indices)
     logger.info("evaluating %s on %d %s test images (eps %s)", described, len(y), args.dataset, format_eps(eps))
-    metrics = evaluate_robustness(model, x, y, attacks=attacks, eps=eps, batch_size=args.batch_size,
-                                  pool={s: pool[s] for s in sources}, seed=args.seed, device=device,
-                                  n_classes=ds.num_classes, check_eps_sweep=not args.no_eps_sweep,
-                                  attack_samples=attack_samples, subset_seed=args.seed, eot_iter=args.eot_iter,
-                                  state_path=_state_path(out))
+    from transfer_analysis import distributed as dist_utils
+
+    # under torchrun the samples are sharded over the processes (fixed, seeded groups: the same
+    # metrics as one process) and rank 0 alone writes the files
+    with dist_utils.process_group(device):
+        device = dist_utils.rank_device(device)
+        model.to(device)
+        metrics = evaluate_robustness(model, x, y, attacks=attacks, eps=eps, batch_size=args.batch_size,
+                                      pool={s: pool[s] for s in sources}, seed=args.seed, device=device,
+                                      n_classes=ds.num_classes, check_eps_sweep=not args.no_eps_sweep,
+                                      attack_samples=attack_samples, subset_seed=args.seed, eot_iter=args.eot_iter,
+                                      state_path=_state_path(out))
+        world, rank = dist_utils.world_size(), dist_utils.rank()
+        dist_utils.barrier()
+    if rank != 0:
+        return 0
     indices_path = _indices_path(out)
     metrics["settings"].update({
         "model": described,
@@ -332,6 +343,7 @@ def run(args: argparse.Namespace) -> int:
         "split": "test",
         "n_samples": int(len(indices)),
         "indices_file": indices_path.name,
+        "processes": world,
     })
     save_indices(indices_path, indices, dataset=args.dataset, split="test", seed=args.seed)
     atomic_write_json(out, metrics)
