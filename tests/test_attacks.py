@@ -136,3 +136,15 @@ def test_attacks_stay_in_budget_and_fool(name):
     assert float((x_adv - x).abs().max()) <= 0.3 + 1e-6
     with torch.no_grad():
         assert int((model(x_adv).argmax(1) != y).sum()) >= 4
+
+
+def test_the_recorded_attack_is_the_one_that_runs():
+    """Issue 13: config.yaml records the torchattacks class and every default it keeps."""
+    from transfer_analysis.attacks import attack_record
+
+    rec = attack_record(AttackConfig("difgsm", eps=0.1, kwargs={"decay": 0.5}))
+    assert rec["class"] == "torchattacks.DIFGSM" and rec["kwargs"] == {"decay": 0.5}
+    assert rec["class_defaults"] == {"resize_rate": 0.9, "diversity_prob": 0.5}  # decay is given
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    atk = build_attack(AttackConfig("difgsm", eps=0.1, kwargs={"decay": 0.5}), model)
+    assert atk.resize_rate == rec["class_defaults"]["resize_rate"] and atk.decay == 0.5

@@ -48,6 +48,7 @@ from torch import nn
 from .errors import UserError
 
 __all__ = [
+    "attack_record",
     "AttackConfig",
     "AttackSpec",
     "DEFAULT_STEPS",
@@ -403,6 +404,31 @@ class AttackConfig:
         if r.kwargs:
             parts.append(json.dumps(r.kwargs, sort_keys=True))
         return " ".join(parts)
+
+
+def attack_record(attack: AttackConfig) -> dict[str, Any]:
+    """What an attack runs, for ``config.yaml``: its resolved settings plus the torchattacks class
+    and every default of that class the settings leave as they are (so the record is the whole run,
+    not the part the user typed).
+
+    Example:
+        >>> rec = attack_record(AttackConfig("mifgsm", eps=8 / 255))
+        >>> rec["class"], rec["class_defaults"]["decay"]
+        ('torchattacks.MIFGSM', 1.0)
+    """
+    cfg = attack.resolved()
+    spec = get_attack_spec(cfg.name)
+    cls = spec.attack_class()
+    out = {**cfg.to_dict(), "class": f"torchattacks.{cls.__name__}" if cls is not None else spec.description,
+           "class_defaults": {}}
+    if cls is not None:
+        given = set(cfg.kwargs) | set(spec.reserved) | {"model", "eps", "steps", "alpha", "random_start", "seed",
+                                                          "verbose", "n_classes", "norm", "device"}
+        for name, p in _init_params(cls).items():
+            if name not in given and p.default is not inspect.Parameter.empty and \
+                    (p.default is None or isinstance(p.default, (bool, int, float, str))):
+                out["class_defaults"][name] = p.default
+    return out
 
 
 def _check_kwargs(spec: AttackSpec, kwargs: Mapping[str, Any]) -> None:

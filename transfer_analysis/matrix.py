@@ -710,6 +710,7 @@ def _run_matrix_outputs(pool: Mapping[str, nn.Module], ds: Any, dataset: str | A
                         data_root: str | None, force: bool = False,
                         shard: tuple[int, int] | None = None) -> TransferResult | None:
     """Write the run directory and compute the matrix (under ``torchrun``: rank 0 writes, all compute)."""
+    from transfer_analysis.attacks import attack_record
     from transfer_analysis.data import save_indices
     from transfer_analysis.utils import prepare_out_dir, write_env_json, write_run_config
 
@@ -725,6 +726,8 @@ def _run_matrix_outputs(pool: Mapping[str, nn.Module], ds: Any, dataset: str | A
             "dataset": str(dataset) if isinstance(dataset, (str, Path)) else ds.name, "data_root": data_root,
             "n_samples": n_samples, "n": int(len(indices)), "indices_sha256": indices_sha, "seed": seed,
             "attack": attack.to_dict(), "eps_readable": format_eps(attack.eps), "batch_size": batch_size,
+            # what ran: the settings plus the torchattacks class and the defaults it kept
+            "attack_ran": attack_record(attack),
             "device": str(device), "cache": str(cache_dir.resolve()), "metrics": ["transfer_rate", "target_error"],
         }
         if dist_utils.world_size() > 1:
