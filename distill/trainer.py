@@ -120,7 +120,8 @@ _FALLBACKS: dict[str, Any] = {"epochs": 200, "batch_size": 128, "lr": 0.1, "weig
                               "lr_schedule": "step", "milestones": [0.5, 0.75]}
 # Keys that may differ when a run is resumed (they do not change the training trajectory).
 _RUNTIME_KEYS = {"device", "compile", "data_root", "download", "final_attacks", "final_eval_samples",
-                 "final_attack_samples", "final_check_eps_sweep", "eval_batch_size"}
+                 "final_attack_samples", "final_check_eps_sweep", "eval_batch_size", "tensorboard", "log_wandb",
+                 "wandb_project"}
 
 
 class NumericalFault(UserError):
@@ -168,6 +169,9 @@ class TrainConfig:
     final_check_eps_sweep: bool = True
     eval_seed: int | None = None
     ema: float | None = None
+    tensorboard: bool = False
+    log_wandb: bool = False
+    wandb_project: str | None = None
     amp: bool = True
     channels_last: bool = False
     compile: bool = False
@@ -310,8 +314,11 @@ def resolve_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
         data["final_attack_samples"] = check_attack_samples(data.get("final_attack_samples"), data["final_attacks"])
     except UserError as err:
         raise UserError(f"final_attack_samples: {err}") from None
+    if data.get("wandb_project") is not None and (not isinstance(data["wandb_project"], str)
+                                                  or not data["wandb_project"].strip()):
+        raise UserError(f"wandb_project must be a project name, got {data['wandb_project']!r}")
     for key in ("download", "nesterov", "augment", "normalize", "final_check_eps_sweep", "amp", "channels_last",
-                "compile"):
+                "compile", "tensorboard", "log_wandb"):
         if key in data:
             data[key] = _as_bool(data[key], key)
     if data.get("ema") is not None:
@@ -652,6 +659,11 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
     if main:
         write_run_config(run_dir, resolved)
         write_env_json(run_dir, device)
+    from distill.tracking import Tracker
+
+    tracker = Tracker(run_dir, resolved, tensorboard=cfg.tensorboard,
+                      wandb_project=(cfg.wandb_project or "darht") if cfg.log_wandb else None) if main else \
+        Tracker(run_dir, {})
 
     iters = len(data.y_train) // cfg.batch_size
     if cfg.optimizer == "adamw":  # what timm trains ViTs and MLP-Mixers with; SGD leaves small ones near chance
@@ -800,10 +812,12 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
             dist_utils.barrier()  # the checkpoint is on disk before any rank goes on (or stops)
             logger.info("epoch %d/%d: %s", epoch + 1, cfg.epochs,
                         ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+            tracker.log_epoch(epoch + 1, row)
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, row)
     if stopped:
         logger.info("stopped after epoch %d of %d; continue with --resume", len(history), cfg.epochs)
+        tracker.close()
         return TrainResult(run_dir, student, history, None, False, cfg)
 
     if ema is not None:  # the reported model is the moving average (its buffers averaged too)
@@ -815,6 +829,7 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
     # every rank takes part (the samples are sharded, the metrics are those of one process); rank 0 writes
     metrics = _final_evaluation(student, data, cfg, device, run_dir, transfer_pool)
     if not main:
+        tracker.close()
         return TrainResult(run_dir, student, history, None, True, cfg)
     metrics["training"] = {
         "method": method.name,
@@ -834,6 +849,8 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
     }
     atomic_write_json(run_dir / "metrics.json", metrics)
     (run_dir / FINAL_EVAL_STATE).unlink(missing_ok=True)  # the evaluation is complete and written
+    tracker.log_final(metrics, cfg.epochs)
+    tracker.close()
     logger.info("done: %s; peak memory %.0f MB (%s)", ", ".join(f"{k} {v:.4f}" for k, v in metrics["accuracy"].items()),
                 metrics["training"]["peak_memory_mb"], metrics["training"]["peak_memory_kind"])
     return TrainResult(run_dir, student, history, metrics, True, cfg)

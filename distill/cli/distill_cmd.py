@@ -26,7 +26,8 @@ HELP = "Distill a robust student (DARHT or a baseline) from a teacher set"
 # flag dest -> TrainConfig key, for the flags that map one to one (None = not given)
 _DIRECT = ("method", "student", "dataset", "data_root", "pool", "epochs", "batch_size", "lr", "optimizer", "momentum",
            "weight_decay", "lr_schedule", "eps", "eval_samples", "eval_pgd_steps", "eval_batch_size",
-           "final_eval_samples", "ema", "amp", "channels_last", "compile", "seed", "device")
+           "final_eval_samples", "ema", "tensorboard", "log_wandb", "wandb_project", "amp", "channels_last", "compile",
+           "seed", "device")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,6 +78,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="final evaluation (default clean,fgsm,pgd20,cw,autoattack; transfer:NAME from --pool)")
     e.add_argument("--final-eval-samples", type=int, default=None,
                    help="test images for the final evaluation (default: the whole test set)")
+    k = p.add_argument_group("tracking (optional extras, imported only when asked for)")
+    k.add_argument("--tensorboard", action="store_true", default=None,
+                   help="write TensorBoard event files to RUNDIR/tensorboard (pip install -e \".[tensorboard]\")")
+    k.add_argument("--log-wandb", action="store_true", default=None,
+                   help="log to Weights & Biases (pip install -e \".[wandb]\"; WANDB_MODE=offline needs no network)")
+    k.add_argument("--wandb-project", default=None, metavar="P", help="the W&B project (default darht)")
     r = p.add_argument_group("run directory")
     r.add_argument("--config", default=None, metavar="RUN.yaml", help="defaults for every option (flags override)")
     r.add_argument("--out", required=True, metavar="RUNDIR", help="the run directory")
