@@ -86,12 +86,18 @@ def _check_resume(out: Path, cfg: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 # stages
 # --------------------------------------------------------------------------------------------
-def _stage_pool(cfg: Mapping[str, Any], out: Path, train_ds: Any, device: str) -> Path:
+def _stage_pool(cfg: Mapping[str, Any], out: Path, train_ds: Any, device: str, *, only: str | None = None,
+                train_missing: bool = True) -> Path | None:
+    """Train (or find) every teacher made here and write ``pool.yaml``; with ``only``, train that one
+    teacher and write nothing else (an array task); without ``train_missing``, a teacher not trained
+    yet is an error (a later array task started too early)."""
     from distill.teachers import train_teacher
     from transfer_analysis.pool import PoolEntry, init_seed_for
 
     entries: list[dict[str, Any]] = []
     for i, spec in enumerate(cfg["pool"]):
+        if only is not None and spec["name"] != only:
+            continue
         train = spec.get("train")
         entry = {k: v for k, v in spec.items() if k != "train"}
         if train is not None:
@@ -99,6 +105,9 @@ def _stage_pool(cfg: Mapping[str, Any], out: Path, train_ds: Any, device: str) -
             written = weights.with_suffix(".yaml")
             if weights.is_file() and written.is_file():
                 _status("pool", f"{spec['name']}: trained earlier ({weights})")
+            elif not train_missing:
+                raise UserError(f"teacher {spec['name']!r} is not trained yet ({weights} missing); run its "
+                                f"stage first: --only teacher:{spec['name']}")
             else:
                 _status("pool", f"{spec['name']}: training {spec['arch']} with {train['method']} for "
                         f"{train['epochs']} epochs ({i + 1}/{len(cfg['pool'])})")
@@ -122,23 +131,31 @@ def _stage_pool(cfg: Mapping[str, Any], out: Path, train_ds: Any, device: str) -
             entry["training"] = f"{train['method']} x{train['epochs']} (eps {train['eps_value']:g})"
         PoolEntry(**entry)  # same schema as any pool file
         entries.append(entry)
+    if only is not None:
+        if not entries:
+            raise UserError(f"no pool model {only!r} in the study; it has {', '.join(p['name'] for p in cfg['pool'])}")
+        return None
     pool_path = out / "pool.yaml"
     atomic_write_text(pool_path, yaml.safe_dump({"models": entries}, sort_keys=False))
     return pool_path
 
 
-def _stage_matrix(cfg: Mapping[str, Any], out: Path, pool_path: Path, ds: Any, device: str) -> Path:
+def _stage_matrix(cfg: Mapping[str, Any], out: Path, pool_path: Path, ds: Any, device: str,
+                  shard: tuple[int, int] | None = None) -> Path:
+    """The transferability matrix of the pool (``shard``: one array task's sources into the cache)."""
     from transfer_analysis.attacks import AttackConfig
     from transfer_analysis.matrix import run_matrix
 
     m = cfg["matrix"]
     attack = AttackConfig(name=m["attack"], eps=cfg["eps_value"], steps=m["steps"],
                           step_size=None if m["step_size"] is None else float(eval_fraction(m["step_size"])))
-    _status("matrix", f"{m['attack']} on {m['n_samples']} test images, {len(cfg['pool'])} models")
+    _status("matrix", f"{m['attack']} on {m['n_samples']} test images, {len(cfg['pool'])} models"
+            + (f", shard {shard[0]}/{shard[1]}" if shard else ""))
     result = run_matrix(pool_path, ds, out / "matrix", n_samples=m["n_samples"], attack=attack,
-                        batch_size=m["batch_size"], seed=cfg["seed"], device=device)
-    _status("matrix", f"done (attacks run: {result.stats['attacks_run']}, from cache: "
-            f"{result.stats['sources_from_cache']})")
+                        batch_size=m["batch_size"], seed=cfg["seed"], device=device, shard=shard)
+    if result is not None:
+        _status("matrix", f"done (attacks run: {result.stats['attacks_run']}, from cache: "
+                f"{result.stats['sources_from_cache']})")
     return out / "matrix"
 
 
@@ -214,13 +231,17 @@ def _teachers_for(run: Mapping[str, Any], rec: Mapping[str, Any]) -> list[str]:
 
 
 def _stage_students(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Mapping[str, Any], train_ds: Any,
-                    device: str) -> list[dict[str, Any]]:
+                    device: str, only: str | None = None) -> list[dict[str, Any]]:
     from distill.trainer import train
     from transfer_analysis.pool import load_pool
 
     from distill.pipeline.claim import convergence, student_protocol
 
     runs = student_runs(cfg)
+    if only is not None:
+        runs = [r for r in runs if r["id"] == only]
+        if not runs:
+            raise UserError(f"no student {only!r} in the study; ids: {', '.join(r['id'] for r in student_runs(cfg))}")
     pool = None
     rows = []
     for i, run in enumerate(runs):
@@ -274,7 +295,6 @@ def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None =
 
     from distill.pipeline.claim import write_claim
     from distill.pipeline.report import write_report
-    from transfer_analysis.data import load_dataset
 
     cfg = load_study_config(config_path)
     out = Path(out) if out is not None else Path("runs") / str(cfg["study"])
@@ -282,23 +302,7 @@ def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None =
     if dry_run:
         _dry_run_checks(cfg)
         return PipelineResult(out=out, config=cfg)
-    from transfer_analysis.rundir import check_output_path
-
-    check_output_path(out)
-    if resume and force:
-        raise UserError("--resume continues a run and --force replaces it; give one of them")
-    if resume and not (out / "config.yaml").is_file():
-        raise UserError(f"nothing to resume in {out}: it holds no study run (no config.yaml); drop --resume to "
-                        "start one")
-    dev = resolve_device(device)
-    ds = load_dataset(cfg["dataset"], cfg["data_root"])  # before anything is written: a bad dataset leaves no dir
-    if resume:
-        _check_resume(out, cfg)
-    prepare_out_dir(out, resume=resume, force=force)
-    write_run_config(out, _comparable(cfg))
-    write_env_json(out, dev)
-    argv = list(command) if command is not None else ["darht", *sys.argv[1:]]
-    atomic_write_text(out / "command.txt", shlex.join(argv) + "\n")
+    dev, ds, argv = start_run(cfg, out, resume=resume, force=force, device=device, command=command)
     for line in plan:
         logger.info("plan: %s", line)
 
@@ -319,6 +323,32 @@ def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None =
             "high-transfer": _teachers_for({"teacher_set": "high-transfer"}, rec),
             "single": _teachers_for({"teacher_set": "single"}, rec)}
     return PipelineResult(out=out, config=cfg, teacher_sets=sets, students=rows, report=report)
+
+
+def start_run(cfg: Mapping[str, Any], out: Path, *, resume: bool, force: bool, device: str,
+              command: Sequence[str] | None) -> tuple[Any, Any, list[str]]:
+    """Claim and initialize a study's run directory (the one place that does): check ``--resume`` /
+    ``--force``, load the dataset before anything is written, write ``config.yaml``, ``env.json`` and
+    ``command.txt``. Returns ``(device, dataset, argv)``."""
+    from transfer_analysis.data import load_dataset
+    from transfer_analysis.rundir import check_output_path
+
+    check_output_path(out)
+    if resume and force:
+        raise UserError("--resume continues a run and --force replaces it; give one of them")
+    if resume and not (out / "config.yaml").is_file():
+        raise UserError(f"nothing to resume in {out}: it holds no study run (no config.yaml); drop --resume to "
+                        "start one")
+    dev = resolve_device(device)
+    ds = load_dataset(cfg["dataset"], cfg["data_root"])  # before anything is written: a bad dataset leaves no dir
+    if resume:
+        _check_resume(out, cfg)
+    prepare_out_dir(out, resume=resume, force=force)
+    write_run_config(out, _comparable(cfg))
+    write_env_json(out, dev)
+    argv = list(command) if command is not None else ["darht", *sys.argv[1:]]
+    atomic_write_text(out / "command.txt", shlex.join(argv) + "\n")
+    return dev, ds, argv
 
 
 def _dry_run_checks(cfg: Mapping[str, Any]) -> None:

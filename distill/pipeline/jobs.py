@@ -1,0 +1,156 @@
+"""A study as array jobs of a cluster scheduler: ``darht pipeline --emit-commands`` and ``--only ITEM``.
+
+A study's stages become items that run anywhere the run directory is shared (a cluster's file
+system), each a self-contained ``darht pipeline ... --only ITEM`` command:
+
+1. ``teacher:NAME`` for every teacher trained here (no dependency);
+2. ``matrix:I/N`` for I = 0..N-1 (after 1): the sources ``% N == I`` attacked into the matrix cache;
+3. ``recommend`` (after 2): assembles the matrix from the cache (no new attack) and picks the sets;
+4. ``student:ID`` for every student (after 3): training and its final evaluation;
+5. ``darht pipeline ... --resume`` (after 4): the tables, the claim and the report (all cached).
+
+``emit_commands`` initializes the run directory (its ``config.yaml``, once, so the array tasks never
+race to write it) and writes each stage's commands, one per line, to ``OUT/commands/K-STAGE.txt``:
+task ``i`` of a Slurm array runs line ``i + 1`` (see the README). Every item checks that the run
+directory holds this study (the same config) and that its inputs exist, so a task started too
+early fails with one line instead of computing something else.
+
+Example:
+    >>> parse_item("matrix:1/4"), parse_item("student:darht-low-transfer-s0")
+    (('matrix', (1, 4)), ('student', 'darht-low-transfer-s0'))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transfer_analysis.errors import UserError
+
+__all__ = ["Stage", "parse_item", "run_item", "emit_commands"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage:
+    """One stage of array tasks: its name, its commands (one task each) and the stage it waits for."""
+
+    name: str
+    commands: list[str]
+    after: str | None
+    file: Path | None = None
+
+
+def parse_item(text: str) -> tuple[str, Any]:
+    """``teacher:NAME``, ``matrix:I/N``, ``recommend`` or ``student:ID`` -> ``(kind, value)``."""
+    kind, sep, value = str(text).partition(":")
+    if kind == "recommend" and not sep:
+        return "recommend", None
+    if kind in ("teacher", "student") and sep and value:
+        return kind, value
+    if kind == "matrix" and sep:
+        i, slash, n = value.partition("/")
+        if slash and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n):
+            return "matrix", (int(i), int(n))
+    raise UserError(f"--only takes teacher:NAME, matrix:I/N (0 <= I < N), recommend or student:ID, got {text!r}")
+
+
+def run_item(config_path: str | Path, out: str | Path, item: str, device: str = "auto") -> None:
+    """Run one item of a study whose run directory ``out`` was initialized (by ``--emit-commands``
+    or an earlier run) with the same config."""
+    from distill.pipeline.config import load_study_config
+    from distill.pipeline.runner import (_check_resume, _stage_matrix, _stage_pool, _stage_recommend, _stage_students,
+                                         _status)
+    from transfer_analysis.data import load_dataset
+    from transfer_analysis.utils import resolve_device
+
+    kind, value = parse_item(item)
+    cfg = load_study_config(config_path)
+    out = Path(out)
+    if not (out / "config.yaml").is_file():
+        raise UserError(f"{out} holds no study run; initialize it with --emit-commands (or run the whole pipeline)")
+    _check_resume(out, cfg)
+    dev = str(resolve_device(device))
+    ds = load_dataset(cfg["dataset"], cfg["data_root"])
+    train_ds = ds.with_train_subset(cfg["train_subset"], cfg["seed"])
+    _status("item", item)
+    if kind == "teacher":
+        _stage_pool(cfg, out, train_ds, dev, only=value)
+        return
+    pool_path = _stage_pool(cfg, out, train_ds, dev, train_missing=False)
+    if kind == "matrix":
+        _stage_matrix(cfg, out, pool_path, ds, dev, shard=value)
+        return
+    if kind == "recommend":
+        _stage_recommend(cfg, out, _stage_matrix(cfg, out, pool_path, ds, dev))
+        return
+    rec_path = out / "recommendation.json"
+    if not rec_path.is_file():
+        raise UserError(f"{rec_path} is missing; run the recommend item first (--only recommend)")
+    rec = json.loads(rec_path.read_text())
+    student_ds = train_ds if cfg["students"]["train_subset"] is None else \
+        ds.with_train_subset(cfg["students"]["train_subset"], cfg["seed"])
+    _stage_students(cfg, out, pool_path, rec, student_ds, dev, only=value)
+
+
+def emit_commands(config_path: str | Path, out: str | Path, *, shards: int = 4, device: str = "auto",
+                  resume: bool = False, force: bool = False, program: Sequence[str] = ("darht",)) -> list[Stage]:
+    """Initialize ``out`` and write the study's stages as array-task command files (``OUT/commands``).
+
+    Args:
+        config_path, out: the study config and its run directory.
+        shards: array tasks of the matrix stage (at most the number of pool models is useful).
+        device: the ``--device`` every command passes.
+        resume, force: as for a whole run (an existing run directory needs one of them).
+        program: how the commands call the toolkit (default ``darht``).
+    """
+    from distill.pipeline.config import load_study_config, student_runs
+    from distill.pipeline.runner import start_run
+    from transfer_analysis.files import atomic_write_text
+
+    cfg = load_study_config(config_path)
+    out = Path(out)
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise UserError(f"--shards must be a positive integer, got {shards!r}")
+    base = [*program, "pipeline", "--config", str(Path(config_path)), "--out", str(out), "--device", device]
+    start_run(cfg, out, resume=resume, force=force, device=device,
+              command=[*base, "--emit-commands", "--shards", str(shards)])
+
+    def only(item: str) -> str:
+        return shlex.join([*base, "--only", item])
+
+    stages = [
+        Stage("teachers", [only(f"teacher:{p['name']}") for p in cfg["pool"] if "train" in p], None),
+        Stage("matrix", [only(f"matrix:{i}/{shards}") for i in range(shards)], "teachers"),
+        Stage("recommend", [only("recommend")], "matrix"),
+        Stage("students", [only(f"student:{r['id']}") for r in student_runs(cfg)], "recommend"),
+        Stage("report", [shlex.join([*base, "--resume"])], "students"),
+    ]
+    stages = [s for s in stages if s.commands]
+    for k, stage in enumerate(stages, 1):
+        stage.file = out / "commands" / f"{k}-{stage.name}.txt"
+        atomic_write_text(stage.file, "\n".join(stage.commands) + "\n")
+    return stages
+
+
+def describe_stages(stages: Sequence[Stage]) -> str:
+    """The stages as a shell-readable listing with a Slurm recipe (what ``--emit-commands`` prints)."""
+    lines = []
+    for k, stage in enumerate(stages, 1):
+        lines.append(f"# stage {k}: {stage.name}, {len(stage.commands)} task(s)"
+                     + (f", after {stage.after}" if stage.after else "") + f"; {stage.file}")
+        lines += stage.commands
+    lines.append("# Slurm: one array job per stage, each after the previous one, e.g.")
+    prev = None
+    for k, stage in enumerate(stages, 1):
+        dep = f" --dependency=afterok:$j{prev}" if prev else ""
+        lines.append(f"#   j{k}=$(sbatch --parsable{dep} --array=0-{len(stage.commands) - 1} --wrap "
+                     f"'sed -n \"$((SLURM_ARRAY_TASK_ID + 1))p\" {stage.file} | bash')")
+        prev = k
+    return "\n".join(lines)
