@@ -70,8 +70,10 @@ logger = logging.getLogger(__name__)
 
 _KNOWN_KEYS = {
     "name", "arch", "kwargs", "checkpoint", "pretrained", "pretrained_file", "input_size", "mean", "std",
-    "family", "trust_checkpoint", "training", "eps", "notes",
+    "family", "trust_checkpoint", "training", "eps", "notes", "source", "robustbench",
 }
+#: where a pool model comes from: a timm architecture (default) or RobustBench's model zoo
+SOURCES = ("timm", "robustbench")
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
 _PREFIXES = ("module.", "_orig_mod.")
 
@@ -106,12 +108,14 @@ class PoolEntry:
     training: str | None = None
     eps: float | str | None = None
     notes: str | None = None
+    source: str = "timm"
+    robustbench: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The entry as YAML-ready plain data, without empty fields."""
         d = asdict(self)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()
-                if v not in (None, {}, False) or k in ("name", "arch")}
+                if (v not in (None, {}, False) or k in ("name", "arch")) and not (k == "source" and v == "timm")}
 
 
 def parse_pool_entries(data: Any, source: str = "pool") -> list[PoolEntry]:
@@ -133,6 +137,22 @@ def parse_pool_entries(data: Any, source: str = "pool") -> list[PoolEntry]:
             close = difflib.get_close_matches(key, sorted(_KNOWN_KEYS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UserError(f"{where} has unknown key {key!r}{hint}; allowed: {', '.join(sorted(_KNOWN_KEYS))}")
+        source = raw.get("source", "timm")
+        if source not in SOURCES:
+            raise UserError(f"{where}: source must be one of {', '.join(SOURCES)}, got {source!r}")
+        rb = None
+        if source == "robustbench":
+            from .robustbench_zoo import check_spec
+
+            rb = check_spec(raw.get("robustbench"), where)
+            raw = {"arch": f"robustbench:{rb['name']}", **raw}
+            for key in ("kwargs", "pretrained", "pretrained_file", "checkpoint", "mean", "std"):
+                if raw.get(key):
+                    raise UserError(f"{where}: '{key}' does not apply to a RobustBench model (the zoo builds it, its "
+                                    "weights are robustbench.model_dir/<dataset>/<threat_model>/<name>.pt, and it "
+                                    "normalizes inside)")
+        elif raw.get("robustbench") is not None:
+            raise UserError(f"{where}: 'robustbench:' needs source: robustbench")
         for key in ("name", "arch"):
             if not isinstance(raw.get(key), str) or not raw[key].strip():
                 raise UserError(f"{where} needs a non-empty string '{key}'")
@@ -177,7 +197,7 @@ def parse_pool_entries(data: Any, source: str = "pool") -> list[PoolEntry]:
             input_size=input_size, mean=None if raw.get("mean") is None else [float(c) for c in raw["mean"]],
             std=None if raw.get("std") is None else [float(c) for c in raw["std"]], family=raw.get("family"),
             trust_checkpoint=bool(raw.get("trust_checkpoint", False)), training=raw.get("training"),
-            eps=raw.get("eps"), notes=raw.get("notes"),
+            eps=raw.get("eps"), notes=raw.get("notes"), source=source, robustbench=rb,
         ))
     return entries
 
@@ -192,6 +212,8 @@ def read_pool_config(path: str | os.PathLike) -> list[PoolEntry]:
             value = getattr(e, key)
             if value and not Path(os.path.expanduser(value)).is_absolute():
                 setattr(e, key, str(path.parent / value))
+        if e.robustbench is not None and not Path(os.path.expanduser(e.robustbench["model_dir"])).is_absolute():
+            e.robustbench = {**e.robustbench, "model_dir": str(path.parent / e.robustbench["model_dir"])}
     return entries
 
 
@@ -418,11 +440,16 @@ def build_pool_model(entry: PoolEntry, num_classes: int, in_chans: int, image_si
             return build_pool_model(entry, num_classes, in_chans, image_size, device, check_forward)
     size = entry.input_size if entry.input_size is not None else image_size
     size_hw = (size, size) if isinstance(size, int) else tuple(size)
-    kwargs = merge_implied_kwargs(entry.kwargs, f"model {entry.name!r} kwargs", num_classes=num_classes,
-                                  in_chans=in_chans)
-    model = create_timm_model(entry.arch, num_classes=num_classes, in_chans=in_chans, pretrained=entry.pretrained,
-                              pretrained_file=entry.pretrained_file, image_size=size_hw[0] if size_hw[0] == size_hw[1]
-                              else size_hw, **kwargs)
+    if entry.source == "robustbench":  # the zoo's architecture and its file, through the safe loader
+        from .robustbench_zoo import build_zoo_model
+
+        model = build_zoo_model(entry.robustbench, trust=entry.trust_checkpoint)
+    else:
+        kwargs = merge_implied_kwargs(entry.kwargs, f"model {entry.name!r} kwargs", num_classes=num_classes,
+                                      in_chans=in_chans)
+        model = create_timm_model(entry.arch, num_classes=num_classes, in_chans=in_chans,
+                                  pretrained=entry.pretrained, pretrained_file=entry.pretrained_file,
+                                  image_size=size_hw[0] if size_hw[0] == size_hw[1] else size_hw, **kwargs)
     if entry.checkpoint:
         state = load_state_dict_file(entry.checkpoint, trust=entry.trust_checkpoint)
         apply_state_dict(model, state, what=f"checkpoint {entry.checkpoint} of model {entry.name!r}")
