@@ -33,7 +33,6 @@ __all__ = [
     "rank_device",
     "barrier",
     "all_reduce_sum",
-    "all_reduce_mean",
     "all_gather_object",
     "broadcast_buffers",
     "shard",
@@ -131,13 +130,6 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     buf = values.detach().to(_comm_device(), copy=True)
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     return buf.to(values.device)
-
-
-def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` over the ranks."""
-    if not is_distributed():
-        return values
-    return all_reduce_sum(values) / world_size()
 
 
 def all_gather_object(obj: T) -> list[T]:

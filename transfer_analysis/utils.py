@@ -6,7 +6,6 @@ Everything here is small and dependency-free beyond torch, so both halves of the
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import math
@@ -49,7 +48,6 @@ __all__ = [
     "atomic_torch_save",
     "atomic_save_safetensors",
     "safe_torch_load",
-    "sha256_file",
     "read_yaml",
     "prepare_out_dir",
     "write_run_config",
@@ -271,15 +269,6 @@ def safe_torch_load(path: str | os.PathLike, trust: bool = False, what: str = "c
     except (pickle.UnpicklingError, EOFError, ModuleNotFoundError, AttributeError) as err:
         raise UserError(f"{what} {path} cannot be unpickled even when trusted ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's content."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

@@ -58,12 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    import importlib.metadata as md
+    from distill import __version__
 
-    try:
-        return md.version("darht-toolkit")
-    except md.PackageNotFoundError:
-        return "unknown"
+    return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
