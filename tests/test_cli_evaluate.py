@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import save_file
 
 from distill.cli import main
-from tests.conftest import TINY_CNN
+from conftest import TINY_CNN
 from transfer_analysis import load_dataset, load_pool
 from transfer_analysis.data import balanced_subset
 

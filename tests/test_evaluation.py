@@ -24,7 +24,7 @@ from distill.evaluation import (
     per_sample_correct,
     robust_accuracy,
 )
-from tests.conftest import TINY_CNN
+from conftest import TINY_CNN
 from transfer_analysis import load_pool
 from transfer_analysis.errors import UserError
 

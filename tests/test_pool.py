@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from tests.conftest import TINY_CNN, TINY_VIT
+from conftest import TINY_CNN, TINY_VIT
 from transfer_analysis import load_pool
 from transfer_analysis.errors import UserError
 from transfer_analysis.pool import model_fingerprint
