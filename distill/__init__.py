@@ -8,17 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-def _version() -> str:
-    """The one version string: the installed distribution's (pyproject.toml)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("darht-toolkit")
-    except PackageNotFoundError:  # a source tree that is not installed
-        return "unknown"
-
-
-__version__ = _version()
+from transfer_analysis import __version__ as __version__  # the one version string (package metadata)
 
 # public name -> submodule that defines it (filled in as the distillation modules land)
 _EXPORTS: dict[str, str] = {

@@ -192,6 +192,10 @@ def protocol_lines(students: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _known(x: Any) -> bool:
+    return x is not None and not math.isnan(x)
+
+
 def _claim_lines(claim: Mapping[str, Any], out: Path) -> list[str]:
     lines = ["## The claim: do lower-transfer teacher sets give more robust students?", "",
              f"**Verdict: {claim['verdict']}.** {claim['statement']}", "",
@@ -202,12 +206,9 @@ def _claim_lines(claim: Mapping[str, Any], out: Path) -> list[str]:
              "| test | rho | 95% CI | p | sets |", "|---|---|---|---|---|"]
     for key, v in claim.items():
         if isinstance(v, Mapping) and "rho" in v:
-            def ok(x: Any) -> bool:
-                return x is not None and not math.isnan(x)
-
-            rho = f"{v['rho']:+.2f}" if ok(v["rho"]) else "-"
-            ci = f"{v['ci_low']:+.2f} to {v['ci_high']:+.2f}" if ok(v["ci_low"]) else "-"
-            p_value = f"{v['p_value']:.3f}" if ok(v["p_value"]) else "-"
+            rho = f"{v['rho']:+.2f}" if _known(v["rho"]) else "-"
+            ci = f"{v['ci_low']:+.2f} to {v['ci_high']:+.2f}" if _known(v["ci_low"]) else "-"
+            p_value = f"{v['p_value']:.3f}" if _known(v["p_value"]) else "-"
             lines.append(f"| {key} | {rho} | {ci} | {p_value} | {v['n_sets']} |")
     if claim["not_converged"]:
         lines += ["", "Left out as not converged (" + claim["convergence_rule"] + "): "
