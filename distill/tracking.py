@@ -22,7 +22,7 @@ from typing import Any
 
 from transfer_analysis.errors import UserError
 
-__all__ = ["Tracker", "tracking_tags"]
+__all__ = ["Tracker", "tracking_tags", "check_tracking"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,30 @@ def tracking_tags(row: Mapping[str, Any]) -> dict[str, float]:
             continue
         out[_RENAMED.get(key, f"train/{key}")] = float(value)
     return out
+
+
+def check_tracking(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The tracking options of a pipeline (``tensorboard``, ``log_wandb``, ``wandb_project``), checked:
+    what every training run of a study gets (they change no result, so they are not part of a run's
+    recorded config).
+
+    Example:
+        >>> check_tracking({"tensorboard": True})
+        {'tensorboard': True}
+    """
+    from transfer_analysis.checks import as_bool
+
+    options = dict(options or {})
+    unknown = sorted(set(options) - {"tensorboard", "log_wandb", "wandb_project"})
+    if unknown:
+        raise UserError(f"unknown tracking option {unknown[0]!r}; use tensorboard, log_wandb or wandb_project")
+    for key in ("tensorboard", "log_wandb"):
+        if key in options:
+            as_bool(options[key], key)
+    project = options.get("wandb_project")
+    if project is not None and (not isinstance(project, str) or not project.strip()):
+        raise UserError(f"wandb_project must be a project name, got {project!r}")
+    return options
 
 
 class Tracker:

@@ -68,8 +68,10 @@ from torch import nn
 
 from distill.attacks import eval_mode, pgd_attack
 from distill.methods import FrozenTeachers, Method, create_method, get_method_class
+from distill.tracking import check_tracking
 from distill.student import Student, build_student, data_parallel, save_student
 from transfer_analysis import distributed as dist_utils
+from transfer_analysis.checks import as_bool, as_int, as_number, ema_decay
 from transfer_analysis.data import ImageDataset, balanced_subset, load_dataset, save_indices
 from transfer_analysis.errors import UserError
 from transfer_analysis.pool import merge_implied_kwargs
@@ -226,27 +228,6 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return _normalize_keys(data, str(path))
 
 
-def _as_int(value: Any, key: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < minimum:
-        raise UserError(f"{key} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _as_float(value: Any, key: str, minimum: float = 0.0, strict: bool = False) -> float:
-    if isinstance(value, str):
-        value = parse_eps(value, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < minimum or (strict and value <= minimum):
-        raise UserError(f"{key} must be a number {'>' if strict else '>='} {minimum}, got {value!r}")
-    return float(value)
-
-
-def _as_bool(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise UserError(f"{key} must be true or false, got {value!r}")
-    return value
-
-
 def _as_list(value: Any, key: str) -> list[Any]:
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
@@ -284,29 +265,29 @@ def resolve_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
     data["teachers"] = [str(t) for t in _as_list(data.get("teachers") or [], "teachers")]
     if len(set(data["teachers"])) != len(data["teachers"]):
         raise UserError(f"teachers must be distinct, got {data['teachers']}")
-    data["epochs"] = _as_int(data["epochs"], "epochs", 1)
-    data["batch_size"] = _as_int(data["batch_size"], "batch_size", 1)
-    data["lr"] = _as_float(data["lr"], "lr", 0.0, strict=True)
-    data["momentum"] = _as_float(data.get("momentum", 0.9), "momentum")
-    data["weight_decay"] = _as_float(data["weight_decay"], "weight_decay")
-    data["gamma"] = _as_float(data.get("gamma", 0.1), "gamma", 0.0, strict=True)
-    data["warmup_epochs"] = _as_float(data.get("warmup_epochs", 0.0), "warmup_epochs")
+    data["epochs"] = as_int(data["epochs"], "epochs", 1)
+    data["batch_size"] = as_int(data["batch_size"], "batch_size", 1)
+    data["lr"] = as_number(data["lr"], "lr", 0.0, strict=True)
+    data["momentum"] = as_number(data.get("momentum", 0.9), "momentum")
+    data["weight_decay"] = as_number(data["weight_decay"], "weight_decay")
+    data["gamma"] = as_number(data.get("gamma", 0.1), "gamma", 0.0, strict=True)
+    data["warmup_epochs"] = as_number(data.get("warmup_epochs", 0.0), "warmup_epochs")
     data["eps"] = parse_eps(data.get("eps", 8 / 255), "eps")
     data["optimizer"] = str(data.get("optimizer", "sgd")).lower()
     if data["optimizer"] not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {data['optimizer']!r}; choose one of {', '.join(OPTIMIZERS)}")
     if data["lr_schedule"] not in LR_SCHEDULES:
         raise UserError(f"unknown lr_schedule {data['lr_schedule']!r}; choose one of {', '.join(LR_SCHEDULES)}")
-    milestones = [_as_float(m, "milestones") for m in _as_list(data["milestones"], "milestones")]
+    milestones = [as_number(m, "milestones") for m in _as_list(data["milestones"], "milestones")]
     if any(m > 1 for m in milestones) or milestones != sorted(milestones):
         raise UserError(f"milestones are increasing fractions of training in [0, 1] (e.g. 0.5,0.75), got {milestones}")
     data["milestones"] = milestones
-    data["eval_samples"] = _as_int(data.get("eval_samples", 500), "eval_samples", 0)
-    data["eval_pgd_steps"] = _as_int(data.get("eval_pgd_steps", 10), "eval_pgd_steps", 0)
+    data["eval_samples"] = as_int(data.get("eval_samples", 500), "eval_samples", 0)
+    data["eval_pgd_steps"] = as_int(data.get("eval_pgd_steps", 10), "eval_pgd_steps", 0)
     if data.get("eval_batch_size") is not None:
-        data["eval_batch_size"] = _as_int(data["eval_batch_size"], "eval_batch_size", 1)
+        data["eval_batch_size"] = as_int(data["eval_batch_size"], "eval_batch_size", 1)
     if data.get("final_eval_samples") is not None:
-        data["final_eval_samples"] = _as_int(data["final_eval_samples"], "final_eval_samples", 1)
+        data["final_eval_samples"] = as_int(data["final_eval_samples"], "final_eval_samples", 1)
     from distill.evaluation import check_attack_samples, parse_attacks
 
     data["final_attacks"] = parse_attacks(data.get("final_attacks") or list(DEFAULT_FINAL_ATTACKS))
@@ -314,19 +295,13 @@ def resolve_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
         data["final_attack_samples"] = check_attack_samples(data.get("final_attack_samples"), data["final_attacks"])
     except UserError as err:
         raise UserError(f"final_attack_samples: {err}") from None
-    if data.get("wandb_project") is not None and (not isinstance(data["wandb_project"], str)
-                                                  or not data["wandb_project"].strip()):
-        raise UserError(f"wandb_project must be a project name, got {data['wandb_project']!r}")
+    check_tracking({k: data[k] for k in ("tensorboard", "log_wandb", "wandb_project") if k in data})
     for key in ("download", "nesterov", "augment", "normalize", "final_check_eps_sweep", "amp", "channels_last",
                 "compile", "tensorboard", "log_wandb"):
         if key in data:
-            data[key] = _as_bool(data[key], key)
-    if data.get("ema") is not None:
-        decay = _as_float(data["ema"], "ema")
-        if not 0 < decay < 1:
-            raise UserError(f"ema is the decay of the weights' moving average, in (0, 1) (e.g. 0.999), got {decay!r}")
-        data["ema"] = decay
-    data["seed"] = _as_int(data.get("seed", 0), "seed", 0)
+            data[key] = as_bool(data[key], key)
+    data["ema"] = ema_decay(data.get("ema"))
+    data["seed"] = as_int(data.get("seed", 0), "seed", 0)
     data["device"] = str(data.get("device") or "auto")
     for key in ("pool", "data_root"):
         if data.get(key) is not None:

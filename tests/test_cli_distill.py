@@ -53,6 +53,26 @@ def test_train_teacher_writes_weights_and_a_loadable_pool_entry(tmp_path: Path) 
     assert sorted(load_pool(pasted, 4, 1, 8)) == ["copy", "r18"]
 
 
+def test_train_teacher_ema_writes_the_moving_average(tmp_path: Path) -> None:
+    """Issue 14: `train-teacher --ema D`: the pool entry's weights are the EMA of the checkpoint (not the
+    last weights), and the decay is recorded in W.run/config.yaml."""
+    from safetensors.torch import load_file
+
+    from transfer_analysis.utils import safe_torch_load
+
+    out = tmp_path / "t.safetensors"
+    assert main(["train-teacher", "--arch", "resnet18_cifar", "--model-kwargs", '{"width": 4}', "--dataset", DATA,
+                 "--epochs", "2", "--ema", "0.5", "--out", str(out), "--final-attacks", "clean", *FAST]) == 0
+    assert yaml.safe_load((tmp_path / "t.run" / "config.yaml").read_text())["ema"] == 0.5
+    ckpt = safe_torch_load(tmp_path / "t.run" / "checkpoint.pt")
+    avg = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    written = load_file(out)
+    assert written and any(not torch.equal(ckpt["student"][f"backbone.model.{k}"], v) for k, v in written.items()
+                           if f"backbone.model.{k}" in ckpt["student"])
+    for key, value in written.items():
+        assert torch.equal(value, avg[f"backbone.model.{key}"]), key
+
+
 def test_train_teacher_input_size_resizes_inside_the_model(tmp_path: Path) -> None:
     # a model built for 16x16 inputs, trained on 8x8 images: the pool entry records input_size 16
     out = tmp_path / "big.safetensors"

@@ -8,6 +8,7 @@ import shlex
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from distill.cli import main
@@ -65,3 +66,104 @@ def test_emitted_stages_run_item_by_item_equal_a_plain_run(tmp_path, capsys):
 def test_bad_items_are_refused(bad):
     with pytest.raises(UserError, match="--only takes"):
         parse_item(bad)
+
+
+def _small_study(tmp_path, **changes):
+    study = {**STUDY, **changes}
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study, sort_keys=False))
+    return config
+
+
+def test_emitted_commands_carry_ema_and_tracking_flags(tmp_path, capsys):
+    """Issue 14: --ema and the tracking flags of `darht pipeline` reach every array task."""
+    config = _small_study(tmp_path)
+    out = tmp_path / "jobs"
+    assert main(["pipeline", "--config", str(config), "--out", str(out), "--device", "cpu", "--emit-commands",
+                 "--ema", "0.9", "--tensorboard", "--wandb-project", "proj"]) == 0
+    capsys.readouterr()
+    lines = [line for f in sorted((out / "commands").iterdir()) for line in f.read_text().splitlines()]
+    assert lines and all({"--ema", "0.9", "--tensorboard", "--wandb-project", "proj"} <= set(shlex.split(line))
+                         for line in lines)
+    # the override is part of the study: recorded, and an item without it is refused
+    assert yaml.safe_load((out / "config.yaml").read_text())["students"]["ema"] == 0.9
+    item = shlex.split(lines[0])[1:]
+    without = [a for i, a in enumerate(item) if a != "--ema" and (i == 0 or item[i - 1] != "--ema")]
+    assert main(without) == 2
+    assert "different config (changed: students)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pipeline_ema_and_tensorboard_reach_teachers_and_students(tmp_path, capsys):
+    """`darht pipeline --ema D --tensorboard`: every student reports its EMA (recorded in its config.yaml),
+    teachers follow teacher_training.ema, and every training run writes event files; --resume needs
+    the same --ema (it changes results) but not the same tracking flags (they do not)."""
+    config = _small_study(tmp_path, teacher_training={"method": "standard", "epochs": 3, "lr": 0.05, "ema": 0.8})
+    out = tmp_path / "run"
+    assert main(["pipeline", "--config", str(config), "--out", str(out), "--device", "cpu", "--ema", "0.9",
+                 "--tensorboard"]) == 0
+    students = sorted((out / "students").iterdir())
+    assert students and all(yaml.safe_load((s / "config.yaml").read_text())["ema"] == 0.9 for s in students)
+    assert all("moving average" in yaml.safe_load((s / "metrics.json").read_text())["training"]["model_selection"]
+               for s in students)
+    teachers = sorted((out / "teachers").glob("*.run"))
+    assert len(teachers) == 3 and all(yaml.safe_load((t / "config.yaml").read_text())["ema"] == 0.8
+                                      for t in teachers)
+    assert all(any((d / "tensorboard").iterdir()) for d in [*students, *teachers])
+    capsys.readouterr()
+    assert main(["pipeline", "--config", str(config), "--out", str(out), "--device", "cpu", "--resume"]) == 2
+    assert "changed: students" in capsys.readouterr().err
+    assert main(["pipeline", "--config", str(config), "--out", str(out), "--device", "cpu", "--resume",
+                 "--ema", "0.9"]) == 0
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_the_stages_like_a_plain_run(tmp_path, capsys, monkeypatch):
+    """Issue 14: --launcher submitit (its local executor: subprocesses, as Slurm tasks would be) runs
+    every stage after the previous one and ends with the students of a plain run."""
+    pytest.importorskip("submitit")
+    # the jobs are new processes: give them this process's one thread (CPU float sums depend on the
+    # thread count, and ~1e-7 differences in tiny teachers change which set a 3-model pool picks)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    config = _small_study(tmp_path)
+    out = tmp_path / "launched"
+    assert main(["pipeline", "--config", str(config), "--out", str(out), "--device", "cpu", "--launcher",
+                 "submitit", "--submitit-cluster", "local", "--shards", "2", "--timeout-min", "20"]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "report.md")
+    logs = list((out / "submitit").glob("*_log.err"))
+    assert len(logs) == 3 + 2 + 1 + 2 + 1  # one job per task of every stage
+    ref = tmp_path / "plain"
+    assert main(["pipeline", "--config", str(config), "--out", str(ref), "--device", "cpu"]) == 0
+    assert pd.read_csv(out / "students.csv").equals(pd.read_csv(ref / "students.csv"))
+
+
+def test_submitit_launcher_stops_at_a_failed_stage(tmp_path, monkeypatch):
+    """A failed task stops the launcher with one line naming the stage, the job and its log; later
+    stages are not submitted."""
+    pytest.importorskip("submitit")
+    from distill.pipeline.jobs import Stage
+    from distill.pipeline.launch import submit_stages
+
+    stages = [Stage("bad", [["darht", "recommend", "--matrix", str(tmp_path / "nothing")]], None),
+              Stage("never", [["darht", "--version"]], "bad")]
+    with pytest.raises(UserError, match=r"stage bad: 1 of 1 job\(s\) failed; first: job .*, log .*_log.err"):
+        submit_stages(stages, tmp_path / "sub", cluster="local")
+    # the second stage was never submitted: one job's files only
+    assert len({f.name.split("_")[0] for f in (tmp_path / "sub").iterdir()}) == 1
+
+
+def test_launcher_without_submitit_is_one_line(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_submitit(name, *args, **kwargs):
+        if name == "submitit":
+            raise ImportError("No module named 'submitit'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_submitit)
+    config = _small_study(tmp_path)
+    assert main(["pipeline", "--config", str(config), "--out", str(tmp_path / "x"), "--launcher", "submitit"]) == 2
+    assert 'pip install -e ".[submitit]"' in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

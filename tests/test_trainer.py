@@ -59,7 +59,7 @@ def test_resolve_config_uses_the_method_protocol_and_validates() -> None:
     assert (cfg.lr_schedule, cfg.lr, cfg.eps) == ("cyclic", 0.05, pytest.approx(4 / 255))
     with pytest.raises(UserError, match="unknown option 'epoch'.*did you mean 'epochs'"):
         resolve_config({"method": "darht", "student": "s", "dataset": "d", "epoch": 3})
-    with pytest.raises(UserError, match="epochs must be an integer >= 1"):
+    with pytest.raises(UserError, match="epochs must be a positive integer"):
         resolve_config({"method": "darht", "student": "s", "dataset": "d", "epochs": 0})
     with pytest.raises(UserError, match="milestones"):
         resolve_config({"method": "darht", "student": "s", "dataset": "d", "milestones": [0.8, 0.5]})

@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="channels_last memory format")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="keep an exponential moving average of the weights and buffers (e.g. 0.999): it is "
+                        "evaluated each epoch and is the model written to W.safetensors")
     p.add_argument("--tensorboard", action="store_true", help="TensorBoard event files in W.run/tensorboard")
     p.add_argument("--log-wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     p.add_argument("--wandb-project", default=None, metavar="P", help="the W&B project (default darht)")
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         data_root=args.data_root, download=not args.no_download, weight_decay=args.weight_decay,
         lr_schedule=args.lr_schedule, optimizer=args.optimizer, eval_samples=args.eval_samples, amp=args.amp,
         channels_last=args.channels_last, compile=args.compile, seed=args.seed, device=args.device,
-        tensorboard=args.tensorboard, log_wandb=args.log_wandb, wandb_project=args.wandb_project,
+        tensorboard=args.tensorboard, log_wandb=args.log_wandb, wandb_project=args.wandb_project, ema=args.ema,
     )
     import logging
 

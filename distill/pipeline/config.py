@@ -44,17 +44,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from transfer_analysis.checks import as_int, as_number, ema_decay
 from transfer_analysis.errors import UserError
 from transfer_analysis.pool import parse_pool_entries
 from transfer_analysis.utils import parse_eps, read_yaml
 
 __all__ = ["TEACHER_SETS", "NAMED_SETS", "DEFAULTS", "TRAINING_DEFAULTS", "PROTOCOL_KEYS", "load_study_config",
+           "with_overrides",
            "validate_study_config", "student_runs", "student_train_config", "describe_plan"]
 
 TEACHER_SETS = ("low-transfer", "high-transfer", "homogeneous", "single", "none", "custom", "sampled")
@@ -84,11 +85,11 @@ DEFAULTS: dict[str, Any] = {
     "train_subset": None,
     "pool": [],
     "training": None,
-    "teacher_training": {"method": "pgd-at", "epochs": 10, "lr": 0.1},
+    "teacher_training": {"method": "pgd-at", "epochs": 10, "lr": 0.1, "ema": None},
     "matrix": {"n_samples": 1000, "attack": "pgd", "steps": 10, "step_size": None, "batch_size": 256},
     "recommend": {"k": 3, "objective": "minimax", "pair": "max", "high_objective": "mean"},
     "students": {"arch": None, "kwargs": {}, "epochs": 10, "lr": 0.1, "seeds": [0], "runs": [],
-                 "method_kwargs": {}, "eval_samples": 500, "train_subset": None},
+                 "method_kwargs": {}, "eval_samples": 500, "train_subset": None, "ema": None},
     "evaluation": {"n_samples": 1000, "attacks": ["clean", "fgsm", "pgd20", "cw", "autoattack"],
                    "batch_size": 256, "attack_samples": {}},
 }
@@ -115,23 +116,6 @@ def _merge(defaults: Mapping[str, Any], given: Any, where: str) -> dict[str, Any
     return out
 
 
-def _positive_int(value: Any, where: str, allow_none: bool = False) -> Any:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise UserError(f"{where} must be a positive integer, got {value!r}")
-    return value
-
-
-def _number(value: Any, where: str, strict: bool = False) -> float:
-    if isinstance(value, str):
-        value = parse_eps(value, where)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (strict and value == 0):
-        raise UserError(f"{where} must be a number {'>' if strict else '>='} 0, got {value!r}")
-    return float(value)
-
-
 def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
     """Fill defaults and check every key of a study config; return the resolved config."""
     if not isinstance(raw, Mapping):
@@ -144,8 +128,8 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
     cfg["eps_value"] = parse_eps(cfg["eps"], "eps")
     if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
         raise UserError(f"{source}: seed must be an integer >= 0, got {cfg['seed']!r}")
-    _positive_int(cfg["batch_size"], f"{source}: batch_size")
-    _positive_int(cfg["train_subset"], f"{source}: train_subset", allow_none=True)
+    as_int(cfg["batch_size"], f"{source}: batch_size", 1, exact=True)
+    as_int(cfg["train_subset"], f"{source}: train_subset", 1, allow_none=True, exact=True)
 
     # pool: the DESIGN.md schema plus `train:` (a teacher made by this pipeline)
     if not isinstance(cfg["pool"], list) or not cfg["pool"]:
@@ -157,8 +141,8 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
             raise UserError(f"{source}: pool model #{i + 1} must be a mapping")
         train = entry.get("train")
         if train is not None:
-            train = _merge(cfg["teacher_training"] | {"eps": None, "batch_size": None, "optimizer": "sgd",
-                                                      "weight_decay": None},
+            train = _merge({"eps": None, "batch_size": None, "optimizer": "sgd", "weight_decay": None, "ema": None}
+                           | cfg["teacher_training"],
                            train, f"{source}: pool model {entry.get('name')!r} train")
         stripped.append({k: v for k, v in entry.items() if k != "train"})
         trains[str(entry.get("name"))] = train
@@ -172,23 +156,24 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
             if t["method"] not in ("standard", "fast-at", "pgd-at", "trades"):
                 raise UserError(f"{source}: pool model {e.name!r}: train.method must be standard, fast-at, pgd-at "
                                 f"or trades, got {t['method']!r}")
-            _positive_int(t["epochs"], f"{source}: pool model {e.name!r} train.epochs")
-            _positive_int(t["batch_size"], f"{source}: pool model {e.name!r} train.batch_size", allow_none=True)
-            _number(t["lr"], f"{source}: pool model {e.name!r} train.lr", strict=True)
+            as_int(t["epochs"], f"{source}: pool model {e.name!r} train.epochs", 1, exact=True)
+            as_int(t["batch_size"], f"{source}: pool model {e.name!r} train.batch_size", 1, allow_none=True, exact=True)
+            as_number(t["lr"], f"{source}: pool model {e.name!r} train.lr", strict=True)
             if t["weight_decay"] is not None:
-                _number(t["weight_decay"], f"{source}: pool model {e.name!r} train.weight_decay")
+                as_number(t["weight_decay"], f"{source}: pool model {e.name!r} train.weight_decay")
             if t["optimizer"] not in ("sgd", "adamw"):
                 raise UserError(f"{source}: pool model {e.name!r} train.optimizer must be sgd or adamw, got "
                                 f"{t['optimizer']!r}")
+            t["ema"] = ema_decay(t["ema"], f"{source}: pool model {e.name!r} train.ema")
             t["eps_value"] = parse_eps(t["eps"], "eps") if t["eps"] is not None else cfg["eps_value"]
     cfg["pool"] = [{**e.to_dict(), **({"train": trains[e.name]} if trains[e.name] else {})} for e in entries]
     names = [e.name for e in entries]
     families = {e.name: e.family for e in entries}
 
     m = cfg["matrix"]
-    _positive_int(m["n_samples"], f"{source}: matrix.n_samples")
-    _positive_int(m["steps"], f"{source}: matrix.steps")
-    _positive_int(m["batch_size"], f"{source}: matrix.batch_size")
+    as_int(m["n_samples"], f"{source}: matrix.n_samples", 1, exact=True)
+    as_int(m["steps"], f"{source}: matrix.steps", 1, exact=True)
+    as_int(m["batch_size"], f"{source}: matrix.batch_size", 1, exact=True)
     if m["step_size"] is not None:
         parse_eps(m["step_size"], "matrix.step_size")
     from transfer_analysis.attacks import AttackConfig
@@ -215,7 +200,7 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
         raise UserError(f"{source}: students.arch is required: one architecture for every student, or a list of "
                         "distinct ones (each run is repeated for each)")
     s["archs"] = archs
-    _positive_int(s["epochs"], f"{source}: students.epochs")
+    as_int(s["epochs"], f"{source}: students.epochs", 1, exact=True)
     if not isinstance(s["seeds"], list) or not s["seeds"] or \
             not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in s["seeds"]):
         raise UserError(f"{source}: students.seeds must be a non-empty list of integers >= 0, got {s['seeds']!r}")
@@ -283,7 +268,7 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
                 raise UserError(f"{where}: teacher_set sampled draws sets of k teachers: only for darht")
             if any(r_["teacher_set"] == "sampled" for r_ in runs):
                 raise UserError(f"{where}: only one run may use teacher_set sampled (raise its n_sets instead)")
-            n_sets = _positive_int(run.get("n_sets"), f"{where}: n_sets (how many sets to draw)")
+            n_sets = as_int(run.get("n_sets"), f"{where}: n_sets (how many sets to draw)", 1, exact=True)
             width = len(str(n_sets))
             runs += [{**base, "sample_index": j, "label": f"{base['label']}-{j + 1:0{width}d}"} for j in range(n_sets)]
         else:
@@ -296,12 +281,12 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
         raise UserError(f"{source}: students.runs has two runs labelled {dup[0]!r}; give one a 'label:'")
     s["runs"] = runs
 
-    _positive_int(s["train_subset"], f"{source}: students.train_subset", allow_none=True)
+    as_int(s["train_subset"], f"{source}: students.train_subset", 1, allow_none=True, exact=True)
     cfg["training"] = _training_protocol(raw, cfg, source)
 
     ev = cfg["evaluation"]
-    _positive_int(ev["n_samples"], f"{source}: evaluation.n_samples")
-    _positive_int(ev["batch_size"], f"{source}: evaluation.batch_size")
+    as_int(ev["n_samples"], f"{source}: evaluation.n_samples", 1, exact=True)
+    as_int(ev["batch_size"], f"{source}: evaluation.batch_size", 1, exact=True)
     if not isinstance(ev["attacks"], list) or not ev["attacks"]:
         raise UserError(f"{source}: evaluation.attacks must be a non-empty list")
     if ev["attack_samples"]:
@@ -377,7 +362,7 @@ def student_train_config(cfg: Mapping[str, Any], run: Mapping[str, Any], teacher
         "eps": cfg["eps_value"], "eval_samples": s["eval_samples"], "final_attacks": attacks,
         "final_eval_samples": ev["n_samples"],
         "final_attack_samples": {a: n for a, n in ev["attack_samples"].items() if a in attacks},
-        "eval_seed": cfg["seed"], "seed": run["seed"], "device": device,
+        "eval_seed": cfg["seed"], "seed": run["seed"], "device": device, "ema": s["ema"],
     }
     tr = cfg.get("training")
     if tr is None:
@@ -425,6 +410,20 @@ def load_study_config(path: str | os.PathLike) -> dict[str, Any]:
                 entry[key] = str((path.parent / os.path.expanduser(entry[key])).resolve())
     if cfg["study"] is None:
         cfg["study"] = path.stem
+    return cfg
+
+
+def with_overrides(cfg: dict[str, Any], *, ema: float | None = None) -> dict[str, Any]:
+    """``cfg`` with the command line's study overrides applied: ``ema`` (``darht pipeline --ema``)
+    replaces ``students.ema``, the moving-average decay of every student (``None``: the config's own).
+
+    Example:
+        >>> with_overrides({"students": {"ema": None}}, ema=0.99)["students"]["ema"]
+        0.99
+    """
+    if ema is not None:
+        cfg = copy.deepcopy(cfg)
+        cfg["students"]["ema"] = ema_decay(ema, "ema")
     return cfg
 
 

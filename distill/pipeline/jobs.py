@@ -39,12 +39,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Stage:
-    """One stage of array tasks: its name, its commands (one task each) and the stage it waits for."""
+    """One stage of array tasks: its name, its commands (one task each, as argument lists) and the
+    stage it waits for."""
 
     name: str
-    commands: list[str]
+    argvs: list[list[str]]
     after: str | None
     file: Path | None = None
+
+    @property
+    def commands(self) -> list[str]:
+        """The commands as shell lines (what ``OUT/commands/K-STAGE.txt`` holds)."""
+        return [shlex.join(argv) for argv in self.argvs]
 
 
 def parse_item(text: str) -> tuple[str, Any]:
@@ -61,17 +67,22 @@ def parse_item(text: str) -> tuple[str, Any]:
     raise UserError(f"--only takes teacher:NAME, matrix:I/N (0 <= I < N), recommend or student:ID, got {text!r}")
 
 
-def run_item(config_path: str | Path, out: str | Path, item: str, device: str = "auto") -> None:
+def run_item(config_path: str | Path, out: str | Path, item: str, device: str = "auto", *,
+             ema: float | None = None, tracking: dict[str, Any] | None = None) -> None:
     """Run one item of a study whose run directory ``out`` was initialized (by ``--emit-commands``
-    or an earlier run) with the same config."""
-    from distill.pipeline.config import load_study_config
+    or an earlier run) with the same config (and the same ``ema`` override; ``tracking`` as for
+    :func:`~distill.pipeline.runner.run_pipeline`)."""
+    from distill.pipeline.config import load_study_config, with_overrides
     from distill.pipeline.runner import (_check_resume, _stage_matrix, _stage_pool, _stage_recommend, _stage_students,
                                          _status)
     from transfer_analysis.data import load_dataset
     from transfer_analysis.utils import resolve_device
 
+    from distill.tracking import check_tracking
+
     kind, value = parse_item(item)
-    cfg = load_study_config(config_path)
+    cfg = with_overrides(load_study_config(config_path), ema=ema)
+    tracking = check_tracking(tracking)
     out = Path(out)
     if not (out / "config.yaml").is_file():
         raise UserError(f"{out} holds no study run; initialize it with --emit-commands (or run the whole pipeline)")
@@ -81,7 +92,7 @@ def run_item(config_path: str | Path, out: str | Path, item: str, device: str = 
     train_ds = ds.with_train_subset(cfg["train_subset"], cfg["seed"])
     _status("item", item)
     if kind == "teacher":
-        _stage_pool(cfg, out, train_ds, dev, only=value)
+        _stage_pool(cfg, out, train_ds, dev, only=value, tracking=tracking)
         return
     pool_path = _stage_pool(cfg, out, train_ds, dev, train_missing=False)
     if kind == "matrix":
@@ -96,11 +107,12 @@ def run_item(config_path: str | Path, out: str | Path, item: str, device: str = 
     rec = json.loads(rec_path.read_text())
     student_ds = train_ds if cfg["students"]["train_subset"] is None else \
         ds.with_train_subset(cfg["students"]["train_subset"], cfg["seed"])
-    _stage_students(cfg, out, pool_path, rec, student_ds, dev, only=value)
+    _stage_students(cfg, out, pool_path, rec, student_ds, dev, only=value, tracking=tracking)
 
 
 def emit_commands(config_path: str | Path, out: str | Path, *, shards: int = 4, device: str = "auto",
-                  resume: bool = False, force: bool = False, program: Sequence[str] = ("darht",)) -> list[Stage]:
+                  resume: bool = False, force: bool = False, program: Sequence[str] = ("darht",),
+                  ema: float | None = None, tracking: dict[str, Any] | None = None) -> list[Stage]:
     """Initialize ``out`` and write the study's stages as array-task command files (``OUT/commands``).
 
     Args:
@@ -109,34 +121,47 @@ def emit_commands(config_path: str | Path, out: str | Path, *, shards: int = 4, 
         device: the ``--device`` every command passes.
         resume, force: as for a whole run (an existing run directory needs one of them).
         program: how the commands call the toolkit (default ``darht``).
+        ema, tracking: as for :func:`~distill.pipeline.runner.run_pipeline`; every command passes them on.
     """
-    from distill.pipeline.config import load_study_config, student_runs
+    from distill.pipeline.config import load_study_config, student_runs, with_overrides
     from distill.pipeline.runner import start_run
+    from distill.tracking import check_tracking
+    from transfer_analysis.checks import as_int
     from transfer_analysis.files import atomic_write_text
 
-    cfg = load_study_config(config_path)
+    cfg = with_overrides(load_study_config(config_path), ema=ema)
+    tracking = check_tracking(tracking)
     out = Path(out)
-    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
-        raise UserError(f"--shards must be a positive integer, got {shards!r}")
-    base = [*program, "pipeline", "--config", str(Path(config_path)), "--out", str(out), "--device", device]
+    as_int(shards, "shards", 1, exact=True)
+    base = [*program, "pipeline", "--config", str(Path(config_path)), "--out", str(out), "--device", device,
+            *_option_flags(ema, tracking)]
     start_run(cfg, out, resume=resume, force=force, device=device,
               command=[*base, "--emit-commands", "--shards", str(shards)])
 
-    def only(item: str) -> str:
-        return shlex.join([*base, "--only", item])
+    def only(item: str) -> list[str]:
+        return [*base, "--only", item]
 
     stages = [
         Stage("teachers", [only(f"teacher:{p['name']}") for p in cfg["pool"] if "train" in p], None),
         Stage("matrix", [only(f"matrix:{i}/{shards}") for i in range(shards)], "teachers"),
         Stage("recommend", [only("recommend")], "matrix"),
         Stage("students", [only(f"student:{r['id']}") for r in student_runs(cfg)], "recommend"),
-        Stage("report", [shlex.join([*base, "--resume"])], "students"),
+        Stage("report", [[*base, "--resume"]], "students"),
     ]
-    stages = [s for s in stages if s.commands]
+    stages = [s for s in stages if s.argvs]
     for k, stage in enumerate(stages, 1):
         stage.file = out / "commands" / f"{k}-{stage.name}.txt"
         atomic_write_text(stage.file, "\n".join(stage.commands) + "\n")
     return stages
+
+
+def _option_flags(ema: float | None, tracking: dict[str, Any]) -> list[str]:
+    """The ``darht pipeline`` flags that carry ``ema`` and the tracking options to every command."""
+    flags = ["--ema", repr(float(ema))] if ema is not None else []
+    flags += ["--tensorboard"] if tracking.get("tensorboard") else []
+    flags += ["--log-wandb"] if tracking.get("log_wandb") else []
+    flags += ["--wandb-project", tracking["wandb_project"]] if tracking.get("wandb_project") else []
+    return flags
 
 
 def describe_stages(stages: Sequence[Stage]) -> str:

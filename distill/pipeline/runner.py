@@ -29,7 +29,9 @@ from typing import Any
 
 import yaml
 
-from distill.pipeline.config import describe_plan, load_study_config, student_runs, student_train_config
+from distill.pipeline.config import (describe_plan, load_study_config, student_runs, student_train_config,
+                                     with_overrides)
+from distill.tracking import check_tracking
 from transfer_analysis.errors import UserError
 from transfer_analysis.utils import (
     atomic_write_json,
@@ -70,13 +72,25 @@ def _comparable(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in ("device", "data_root")}
 
 
+def _with_new_defaults(old: Any, new: Any) -> Any:
+    """``old`` with the keys it lacks and ``new`` holds as ``None`` (options added since that run,
+    whose unset value is the old behaviour) filled in, so a run started before them still resumes."""
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [_with_new_defaults(o, n) for o, n in zip(old, new)]
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return old
+    filled = {k: _with_new_defaults(v, new.get(k)) for k, v in old.items()}
+    filled.update({k: None for k, v in new.items() if k not in old and v is None})
+    return filled
+
+
 def _check_resume(out: Path, cfg: Mapping[str, Any]) -> None:
     stored = out / "config.yaml"
     if not stored.is_file():
         return
     old = yaml.safe_load(stored.read_text()) or {}
     new = yaml.safe_load(yaml.safe_dump(_comparable(cfg), sort_keys=False))
-    old = _comparable(old)
+    old = _with_new_defaults(_comparable(old), new)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed:
         raise UserError(f"{out} was started with a different config (changed: {', '.join(changed)}); "
@@ -87,7 +101,7 @@ def _check_resume(out: Path, cfg: Mapping[str, Any]) -> None:
 # stages
 # --------------------------------------------------------------------------------------------
 def _stage_pool(cfg: Mapping[str, Any], out: Path, train_ds: Any, device: str, *, only: str | None = None,
-                train_missing: bool = True) -> Path | None:
+                train_missing: bool = True, tracking: Mapping[str, Any] | None = None) -> Path | None:
     """Train (or find) every teacher made here and write ``pool.yaml``; with ``only``, train that one
     teacher and write nothing else (an array task); without ``train_missing``, a teacher not trained
     yet is an error (a later array task started too early)."""
@@ -120,7 +134,8 @@ def _stage_pool(cfg: Mapping[str, Any], out: Path, train_ds: Any, device: str, *
                     resume=(weights.parent / f"{spec['name']}.run" / "config.yaml").is_file(),
                     # each teacher's own seed: two entries with the same arch and training differ
                     seed=init_seed_for(cfg["seed"], spec["name"]), device=device,
-                    final_eval_samples=min(1000, cfg["matrix"]["n_samples"]), input_size=spec.get("input_size"))
+                    final_eval_samples=min(1000, cfg["matrix"]["n_samples"]), input_size=spec.get("input_size"),
+                    ema=train["ema"], **dict(tracking or {}))
                 _status("pool", f"{spec['name']}: done in {time.time() - t0:.0f} s")
             trained = yaml.safe_load(written.read_text())
             trained = trained["models"][0] if isinstance(trained, Mapping) and "models" in trained else trained
@@ -231,7 +246,8 @@ def _teachers_for(run: Mapping[str, Any], rec: Mapping[str, Any]) -> list[str]:
 
 
 def _stage_students(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Mapping[str, Any], train_ds: Any,
-                    device: str, only: str | None = None) -> list[dict[str, Any]]:
+                    device: str, only: str | None = None,
+                    tracking: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     from distill.trainer import train
     from transfer_analysis.pool import load_pool
 
@@ -253,7 +269,8 @@ def _stage_students(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Map
                 pool = load_pool(pool_path, train_ds.num_classes, train_ds.in_chans, train_ds.image_size)
             _status("students", f"{run['id']} ({i + 1}/{len(runs)}): {run['method']} from "
                     f"{', '.join(teachers) or 'no teacher'}")
-            config = student_train_config(cfg, run, teachers, pool=str(pool_path), device=device)
+            config = {**student_train_config(cfg, run, teachers, pool=str(pool_path), device=device),
+                      **dict(tracking or {})}
             train(config, run_dir, resume=(run_dir / "config.yaml").is_file(), dataset=train_ds,
                   teachers={n: pool[n] for n in teachers} if teachers else None)
         else:
@@ -278,7 +295,8 @@ def _stage_students(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Map
 # --------------------------------------------------------------------------------------------
 def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None = None, *, resume: bool = False,
                  force: bool = False, device: str = "auto", dry_run: bool = False,
-                 command: Sequence[str] | None = None) -> PipelineResult:
+                 command: Sequence[str] | None = None, ema: float | None = None,
+                 tracking: Mapping[str, Any] | None = None) -> PipelineResult:
     """Run (or, with ``dry_run``, validate and plan) the study of a config file.
 
     Args:
@@ -290,13 +308,19 @@ def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None =
         dry_run: validate the config, check the dataset and every architecture, log the plan,
             write nothing.
         command: the command line to record in the report (default: ``sys.argv``).
+        ema: an exponential moving average of every student with this decay (overrides the
+            config's ``students.ema``; recorded in the run's ``config.yaml``).
+        tracking: ``tensorboard``, ``log_wandb`` and ``wandb_project`` for every training run
+            (teachers and students; see :mod:`distill.tracking`). They do not change results, so a
+            resumed run may use others.
     """
     import pandas as pd
 
     from distill.pipeline.claim import write_claim
     from distill.pipeline.report import write_report
 
-    cfg = load_study_config(config_path)
+    cfg = with_overrides(load_study_config(config_path), ema=ema)
+    tracking = check_tracking(tracking)
     out = Path(out) if out is not None else Path("runs") / str(cfg["study"])
     plan = describe_plan(cfg)
     if dry_run:
@@ -307,12 +331,12 @@ def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None =
         logger.info("plan: %s", line)
 
     train_ds = ds.with_train_subset(cfg["train_subset"], cfg["seed"])
-    pool_path = _stage_pool(cfg, out, train_ds, str(dev))
+    pool_path = _stage_pool(cfg, out, train_ds, str(dev), tracking=tracking)
     matrix_dir = _stage_matrix(cfg, out, pool_path, ds, str(dev))
     rec = _stage_recommend(cfg, out, matrix_dir)
     student_ds = train_ds if cfg["students"]["train_subset"] is None else \
         ds.with_train_subset(cfg["students"]["train_subset"], cfg["seed"])
-    rows = _stage_students(cfg, out, pool_path, rec, student_ds, str(dev))
+    rows = _stage_students(cfg, out, pool_path, rec, student_ds, str(dev), tracking=tracking)
     students = pd.DataFrame(rows)
     atomic_write_text(out / "students.csv", students[STUDENT_COLUMNS].to_csv(index=False))
     atomic_write_text(out / "students_detail.csv", students.to_csv(index=False))
