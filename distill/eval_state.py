@@ -74,7 +74,7 @@ class EvalState:
                 raise UserError(f"{self.path} is not an evaluation state written by the toolkit; delete it")
             if data.get("key") != key:
                 raise UserError(f"{self.path} holds the state of another evaluation (other model, images or "
-                                "settings); delete it, or evaluate into another --out")
+                                "settings); delete it, or evaluate into another `out`")
             self.done = dict(data["done"])
             self.details = dict(data["details"])
             self.partial = dict(data["partial"])

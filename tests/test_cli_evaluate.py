@@ -145,7 +145,7 @@ def test_run_directory_without_metadata_uses_config_yaml(tmp_path):
     (["--eps", "-0.1"], "--eps must be"),
     (["--eps", "eight"], "--eps must be a number or a fraction"),
     (["--attacks", "clean,transfer:b"], "needs --pool"),
-    (["--n-samples", "0"], "--n-samples must be a positive"),
+    (["--n-samples", "0"], "--n-samples (the number of images) must be a positive"),
     (["--batch-size", "0"], "--batch-size must be a positive"),
     (["--model-kwargs", "{bad"], "--model-kwargs is not valid JSON"),
     (["--name", "a"], "give --pool"),
@@ -165,7 +165,7 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, weights, capsys
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "missing.safetensors"], "not found"),
-    (["--model", "{w}"], "needs --arch ARCH"),
+    (["--model", "{w}"], "needs --arch (and --model-kwargs)"),
     (["--model", "{w}", "--arch", "resnet18_cifar"], "does not fit the model"),
     (["--model", "{w}", "--pool", "{pool}", "--name", "a"], "not both"),
     (["--pool", "{pool}", "--name", "zz"], "not in"),
@@ -221,7 +221,7 @@ def test_autoattack_also_writes_a_robustbench_model_info(tmp_path, weights):
 def test_killed_evaluate_resumes_with_resume_to_identical_metrics(tmp_path, weights, capsys, monkeypatch):
     """Issue 13: an interrupted darht evaluate leaves no --out, only its state; --resume finishes it with
     the metrics of an uninterrupted run; without --resume the state is not silently dropped."""
-    import distill.evaluation as ev
+    import distill.evaluation.evaluate as ev  # where evaluate_robustness looks _attack_correct up
 
     path, _ = weights
     base = ["--model", str(path), "--arch", "resnet18_cifar", "--model-kwargs", '{"width": 4}',

@@ -210,7 +210,9 @@ def test_white_box_attacks_run_with_the_documented_settings(trained, monkeypatch
         calls.append(kwargs)
         return pgd_attack(*args, **kwargs)
 
-    monkeypatch.setattr(ev, "pgd_attack", spy)
+    import transfer_analysis.attacks.pgd as pgd_module  # the registry's LinfPGD calls it
+
+    monkeypatch.setattr(pgd_module, "pgd_attack", spy)
     got = per_sample_correct(cnn, x, y, attack, eps=eps, seed=3)
     assert {(c["loss"], c["steps"], c["alpha"], c["start"], c["eps"]) for c in calls} == {
         (loss, steps, alpha_over_eps * eps, start, eps)}
@@ -243,7 +245,7 @@ def test_autoattack_components_only_see_points_still_robust(monkeypatch):
         seen["second"] = len(yb)
         return xb
 
-    monkeypatch.setattr(ev, "build_autoattack", lambda *a, **k: [("apgd-ce", optimal), ("square", recorder)])
+    monkeypatch.setattr(ev.correct, "build_autoattack", lambda *a, **k: [("apgd-ce", optimal), ("square", recorder)])
     got = per_sample_correct(model, x, y, "autoattack", eps=eps)
     assert torch.equal(got, robust)
     assert seen == {"first": int(clean.sum()), "second": int(robust.sum())}
@@ -282,7 +284,7 @@ def test_evaluate_uses_the_official_config_unless_told(monkeypatch, trained):
         seen.append((config, n_classes, seed, eps))
         return []
 
-    monkeypatch.setattr(ev, "build_autoattack", spy)
+    monkeypatch.setattr(ev.correct, "build_autoattack", spy)
     m = evaluate_robustness(cnn, x[:8], y[:8], attacks="autoattack,autoattack-fast", eps=0.03, seed=5,
                             check_eps_sweep=False)
     assert seen[0] == (AUTOATTACK_STANDARD, 4, 5, 0.03) and seen[1][0] == AUTOATTACK_FAST
@@ -301,8 +303,8 @@ def test_worst_case_is_the_per_sample_and(monkeypatch):
     clean = torch.tensor([1, 1, 1, 1, 0, 1], dtype=torch.bool)
     per_attack = {"fgsm": torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool),
                   "pgd20": torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.bool)}
-    monkeypatch.setattr(ev, "_clean_correct", lambda *a, **k: (clean.clone(), 2))
-    monkeypatch.setattr(ev, "_attack_correct", lambda model, x, y, c, name, *a, **k: per_attack[name].clone())
+    monkeypatch.setattr(ev.evaluate, "_clean_correct", lambda *a, **k: (clean.clone(), 2))
+    monkeypatch.setattr(ev.evaluate, "_attack_correct", lambda model, x, y, c, name, *a, **k: per_attack[name].clone())
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
     m = evaluate_robustness(model, torch.rand(6, 1, 2, 2), torch.zeros(6, dtype=torch.long),
                             attacks="clean,fgsm,pgd20", eps=0.1, check_eps_sweep=False)
@@ -556,7 +558,7 @@ def test_masking_flags_fire_on_masked_models_only(wrap, flag):
 
 def test_zero_gradient_check_also_looks_inside_the_ball():
     """A model whose gradient vanishes only away from the data: the clean-point check alone misses it."""
-    from distill.evaluation import _zero_gradient_check
+    from distill.evaluation.checks import _zero_gradient_check
 
     class DeadAwayFromGrid(nn.Module):
         def forward(self, x):
@@ -629,8 +631,8 @@ def test_interrupted_evaluation_resumes_to_identical_metrics(tmp_path, monkeypat
     saved = EvalState(state, key=torch.load(state, weights_only=True)["key"])
     assert sorted(saved.done) == ["fgsm", "pgd5"] and saved.partial["autoattack"]["components_done"] == ["apgd-ce"]
     rerun = []
-    real_pgd = ev._pgd_correct
-    monkeypatch.setattr(ev, "_pgd_correct", lambda *a, **k: rerun.append(k["desc"]) or real_pgd(*a, **k))
+    real_pgd = ev.correct._pgd_correct
+    monkeypatch.setattr(ev.correct, "_pgd_correct", lambda *a, **k: rerun.append(k["desc"]) or real_pgd(*a, **k))
     resumed = evaluate_robustness(net, x, y, state_path=state, **kw)
     assert _strip_times(resumed) == _strip_times(reference)
     assert "fgsm" not in rerun and "pgd5" not in rerun  # finished attacks are not run again

@@ -20,17 +20,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from distill.cli.common import add_data_arguments, parse_json_kwargs
 from transfer_analysis.errors import UserError
-from transfer_analysis.files import read_yaml
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
 
 HELP = "Evaluate a model under white-box and black-box attacks (clean, FGSM, PGD, CW, AutoAttack, transfer)"
 
@@ -95,119 +89,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 # model lookup
 # --------------------------------------------------------------------------------------------
-def _student_spec_from_config(cfg_path: Path) -> dict[str, Any]:
-    """The student's spec from a run's ``config.yaml``: ``resolved.student``, else the top-level keys."""
-    cfg = read_yaml(cfg_path)
-    if not isinstance(cfg, Mapping):
-        raise UserError(f"{cfg_path} is not a mapping of settings; re-run 'darht distill' or pass a weights file")
-    resolved = cfg.get("resolved")
-    spec = resolved.get("student") if isinstance(resolved, Mapping) else None
-    if isinstance(spec, Mapping) and isinstance(spec.get("arch"), str):
-        return dict(spec)
-    arch, kwargs = cfg.get("student"), cfg.get("student_kwargs") or {}
-    if isinstance(arch, Mapping):  # tolerate {arch: ..., kwargs: ...}
-        arch, kwargs = arch.get("arch"), arch.get("kwargs") or kwargs
-    if not isinstance(arch, str) or not arch:
-        raise UserError(f"{cfg_path} names no student architecture (key 'student'); is this a 'darht distill' run?")
-    if not isinstance(kwargs, Mapping):
-        raise UserError(f"{cfg_path}: student_kwargs must be a mapping, got {kwargs!r}")
-    num_teachers = cfg.get("num_teachers", 0)
-    if not isinstance(num_teachers, int) or isinstance(num_teachers, bool) or num_teachers < 0:
-        raise UserError(f"{cfg_path}: num_teachers must be a non-negative integer, got {num_teachers!r}")
-    return {"arch": arch, "kwargs": dict(kwargs), "num_teachers": num_teachers}
-
-
-def load_run_student(run_dir: Path, num_classes: int, in_chans: int) -> nn.Module:
-    """Rebuild the student of a ``darht distill`` run directory and load ``student.safetensors``.
-
-    The student's spec (architecture, kwargs, teachers, normalization) comes from the weights'
-    metadata (:func:`distill.student.load_student`); for weights without it, from the run's
-    ``config.yaml`` (``resolved.student``, else ``student``, ``student_kwargs``, ``num_teachers``),
-    built with :func:`distill.student.build_student`.
-    """
-    from safetensors import safe_open
-
-    from transfer_analysis.pool import apply_state_dict, load_state_dict_file
-
-    weights = run_dir / "student.safetensors"
-    cfg_path = run_dir / "config.yaml"
-    if not weights.is_file():
-        if not cfg_path.is_file():
-            raise UserError(f"{run_dir} holds neither student.safetensors nor config.yaml; --model takes a "
-                            "'darht distill' run directory or a weights file")
-        raise UserError(f"{weights} not found; the run has not finished (resume it with 'darht distill --resume')")
-    try:
-        from distill.student import STUDENT_METADATA_KEY, build_student, load_student
-    except ImportError as err:
-        raise UserError(f"cannot rebuild the student of {run_dir}: distill.student is not available in this "
-                        "installation; evaluate a weights file with --model W.safetensors --arch ARCH") from err
-    try:
-        with safe_open(str(weights), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception as err:  # noqa: BLE001 - corrupt headers come as several exception types
-        raise UserError(f"{weights} is not a valid safetensors file ({err}); re-create it") from err
-    if STUDENT_METADATA_KEY in meta:
-        logger.info("student from %s (spec in its metadata)", weights)
-        return load_student(weights)
-    if not cfg_path.is_file():
-        raise UserError(f"{weights} carries no student spec and {run_dir} has no config.yaml; evaluate it with "
-                        "--model W.safetensors --arch ARCH instead")
-    spec = _student_spec_from_config(cfg_path)
-    if spec.get("num_classes") not in (None, num_classes):
-        raise UserError(f"the student of {run_dir} has {spec['num_classes']} classes but the dataset has "
-                        f"{num_classes}; evaluate it on the dataset it was trained on")
-    model = build_student(spec["arch"], num_classes, spec.get("num_teachers") or 0,
-                          in_chans=int(spec.get("in_chans") or in_chans), image_size=spec.get("image_size"),
-                          input_size=spec.get("input_size"), mean=spec.get("mean"), std=spec.get("std"),
-                          **dict(spec.get("kwargs") or {}))
-    apply_state_dict(model, load_state_dict_file(weights), what=f"{weights}")
-    logger.info("student %s (%d teachers) from %s", spec["arch"], spec.get("num_teachers") or 0, cfg_path)
-    return model
-
-
-def _entry_beside(weights: Path, yaml_path: Path):
-    """The pool entry in ``yaml_path`` (a single entry, a list of entries or a pool file)."""
-    from transfer_analysis.pool import parse_pool_entries
-
-    data = read_yaml(yaml_path)
-    if isinstance(data, Mapping) and "models" not in data:
-        data = {"models": [data]}
-    elif isinstance(data, list):
-        data = {"models": data}
-    entries = parse_pool_entries(data, str(yaml_path))
-    if len(entries) > 1:
-        same = [e for e in entries if e.checkpoint and Path(e.checkpoint).name == weights.name]
-        if len(same) != 1:
-            raise UserError(f"{yaml_path} holds {len(entries)} models and none (or several) use {weights.name}; "
-                            "use --pool with --name instead")
-        entries = same
-    return entries[0]
-
-
-def load_weights_model(weights: Path, arch: str | None, model_kwargs: dict[str, Any], num_classes: int,
-                       in_chans: int, image_size: int, device: torch.device, trust: bool = False) -> nn.Module:
-    """A weights file as a pixel-space model: with ``arch`` a plain timm model, else the entry beside it."""
-    from transfer_analysis.pool import (PixelSpaceModel, apply_state_dict, build_pool_model, create_timm_model,
-                                        load_state_dict_file, merge_implied_kwargs)
-
-    if not weights.is_file():
-        raise UserError(f"model weights not found: {weights}")
-    yaml_path = weights.with_suffix(".yaml")
-    if arch is None:
-        if not yaml_path.is_file():
-            raise UserError(f"--model {weights} needs --arch ARCH (and --model-kwargs), or the pool entry "
-                            f"{yaml_path.name} beside it as written by 'darht train-teacher'")
-        entry = _entry_beside(weights, yaml_path)
-        entry.checkpoint = str(weights)
-        entry.trust_checkpoint = entry.trust_checkpoint or trust
-        entry.kwargs = {**entry.kwargs, **model_kwargs}
-        logger.info("model %s (%s) from %s", entry.name, entry.arch, yaml_path)
-        return build_pool_model(entry, num_classes, in_chans, image_size, device)
-    model_kwargs = merge_implied_kwargs(model_kwargs, "--model-kwargs", num_classes=num_classes, in_chans=in_chans)
-    net = create_timm_model(arch, num_classes=num_classes, in_chans=in_chans, image_size=image_size, **model_kwargs)
-    apply_state_dict(net, load_state_dict_file(weights, trust=trust), what=f"{weights}")
-    logger.info("model %s from %s (no normalization)", arch, weights)
-    return PixelSpaceModel(net, name=weights.stem)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,45 +130,41 @@ def _robustbench_path(out: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     from distill.cli.common import dataset_file, require_files
 
-    if args.model is not None and not Path(args.model).exists():
-        raise UserError(f"--model {args.model} not found; give a 'darht distill' run directory or a weights file")
-    require_files((args.pool, "pool file"), (args.indices, "indices file"), (dataset_file(args.dataset), "dataset file"))
-    from distill.evaluation import attack_kind, check_attack_samples, evaluate_robustness, parse_attacks
-    from transfer_analysis.data import balanced_subset, load_dataset, load_indices, save_indices
-    from transfer_analysis.pool import load_pool
-    from transfer_analysis.utils import atomic_write_json, format_eps, parse_eps, resolve_device, seed_everything
+    # before any heavy import: a missing --model, pool, indices or dataset file is refused at once
+    require_files((args.model, "model (a 'darht distill' run directory or a weights file)"), (args.pool, "pool file"),
+                  (args.indices, "indices file"), (dataset_file(args.dataset), "dataset file"))
+    from distill.evaluation import attack_kind, check_attack_samples, parse_attacks
+    from distill.evaluation.models import check_model_source
+    from transfer_analysis.utils import parse_eps
 
     # Everything the user typed is checked before any work is done.
     attacks = parse_attacks(args.attacks)
     eps = parse_eps(args.eps)
-    # checked here, before any model is loaded
     attack_samples = check_attack_samples(parse_attack_samples(args.attack_samples), ["clean", *attacks])
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.eot_iter is not None and (args.eot_iter < 1 or "autoattack-rand" not in attacks):
         raise UserError("--eot-iter N (N >= 1) sets the EOT samples of autoattack-rand: add autoattack-rand to "
                         f"--attacks (got {args.eot_iter} with {','.join(attacks)})")
+    sources = [a.split(":", 1)[1] for a in attacks if attack_kind(a) == "transfer"]
+    model_kwargs = parse_json_kwargs(args.model_kwargs, "--model-kwargs")
+    check_model_source(args.model, args.pool, args.name, arch=args.arch, model_kwargs=model_kwargs, sources=sources)
     out = Path(args.out)
     _check_out(out, force=args.force, robustbench="autoattack" in attacks, resume=args.resume)
-    sources = [a.split(":", 1)[1] for a in attacks if attack_kind(a) == "transfer"]
-    if args.name is not None and args.pool is None:
-        raise UserError("--name selects a model of a pool; give --pool POOL.yaml too")
-    if args.model is not None and args.name is not None:
-        raise UserError("give either --model (a run directory or weights) or --pool with --name, not both")
-    if args.model is None and args.name is None:
-        raise UserError("nothing to evaluate: give --model RUNDIR|W.safetensors or --pool POOL.yaml --name NAME")
-    if sources and args.pool is None:
-        raise UserError(f"attack transfer:{sources[0]} needs --pool POOL.yaml holding model {sources[0]!r}")
-    model_kwargs = parse_json_kwargs(args.model_kwargs, "--model-kwargs")
-    model_path = Path(args.model) if args.model is not None else None
-    if model_path is not None:
-        if not model_path.exists():
-            raise UserError(f"--model {model_path} not found; give a 'darht distill' run directory or a weights file")
-        if model_path.is_dir() and (args.arch is not None or model_kwargs):
-            raise UserError("--arch and --model-kwargs apply to a weights file; a run directory's config.yaml "
-                            "already names the student")
-    if args.model_kwargs and args.arch is None and model_path is not None and not model_path.is_dir():
-        logger.debug("--model-kwargs without --arch: merged into the entry beside the weights")
+    metrics, model, described, indices = _evaluate(args, attacks, eps, attack_samples, sources, model_kwargs, out)
+    if metrics is not None:
+        _write_outputs(args, out, metrics, model, described, indices, attacks)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, attacks: list[str], eps: float, attack_samples: dict[str, int],
+              sources: list[str], model_kwargs: dict[str, Any], out: Path) -> tuple[Any, Any, str, Any]:
+    """Load the data and the model, and evaluate (sharded under torchrun); metrics on rank 0, else None."""
+    from distill.evaluation import evaluate_robustness
+    from distill.evaluation.models import load_model
+    from transfer_analysis import distributed as dist_utils
+    from transfer_analysis.data import balanced_subset, load_dataset, load_indices
+    from transfer_analysis.utils import format_eps, resolve_device, seed_everything
 
     device = resolve_device(args.device)
     seed_everything(args.seed)
@@ -298,52 +175,38 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--indices {args.indices} does not index this test set of {len(ds.y_test)} images")
     else:
         indices = balanced_subset(ds.y_test, args.n_samples, seed=args.seed)
-
-    names = ([args.name] if args.name is not None else []) + [s for s in sources if s != args.name]
-    pool = load_pool(args.pool, ds.num_classes, ds.in_chans, ds.image_size, device, names=names) \
-        if args.pool is not None and names else {}
-    if args.name is not None:
-        model = pool[args.name]
-        described = f"{args.pool}:{args.name}"
-    elif model_path is not None and model_path.is_dir():
-        model = load_run_student(model_path, ds.num_classes, ds.in_chans)
-        described = str(model_path)
-    else:
-        assert model_path is not None
-        model = load_weights_model(model_path, args.arch, model_kwargs, ds.num_classes, ds.in_chans, ds.image_size,
-                                   device, trust=args.trust_checkpoint)
-        described = str(model_path)
-    model.to(device).eval().requires_grad_(False)
-
-    x = ds.images("test", indices)
-    y = ds.labels("test", indices)
+    model, described, pool = load_model(args.model, args.pool, args.name, num_classes=ds.num_classes,
+                                        in_chans=ds.in_chans, image_size=ds.image_size, device=device,
+                                        arch=args.arch, model_kwargs=model_kwargs, trust=args.trust_checkpoint,
+                                        sources=sources)
+    x, y = ds.images("test", indices), ds.labels("test", indices)
     logger.info("evaluating %s on %d %s test images (eps %s)", described, len(y), args.dataset, format_eps(eps))
-    from transfer_analysis import distributed as dist_utils
-
     # under torchrun the samples are sharded over the processes (fixed, seeded groups: the same
     # metrics as one process) and rank 0 alone writes the files
     with dist_utils.process_group(device):
         device = dist_utils.rank_device(device)
         model.to(device)
-        metrics = evaluate_robustness(model, x, y, attacks=attacks, eps=eps, batch_size=args.batch_size,
-                                      pool={s: pool[s] for s in sources}, seed=args.seed, device=device,
-                                      n_classes=ds.num_classes, check_eps_sweep=not args.no_eps_sweep,
-                                      attack_samples=attack_samples, subset_seed=args.seed, eot_iter=args.eot_iter,
-                                      state_path=_state_path(out))
-        world, rank = dist_utils.world_size(), dist_utils.rank()
+        metrics = evaluate_robustness(model, x, y, attacks=attacks, eps=eps, batch_size=args.batch_size, pool=pool,
+                                      seed=args.seed, device=device, n_classes=ds.num_classes,
+                                      check_eps_sweep=not args.no_eps_sweep, attack_samples=attack_samples,
+                                      subset_seed=args.seed, eot_iter=args.eot_iter, state_path=_state_path(out))
+        metrics["settings"]["processes"] = dist_utils.world_size()
+        main = dist_utils.rank() == 0
         dist_utils.barrier()
-    if rank != 0:
-        return 0
+    return (metrics if main else None), model, described, indices
+
+
+def _write_outputs(args: argparse.Namespace, out: Path, metrics: dict[str, Any], model: Any, described: str,
+                   indices: Any, attacks: list[str]) -> None:
+    """``metrics.json``, its indices, the RobustBench ``model_info`` with AutoAttack; the state goes."""
+    from transfer_analysis.data import save_indices
+    from transfer_analysis.utils import atomic_write_json
+
     indices_path = _indices_path(out)
     metrics["settings"].update({
-        "model": described,
-        "arch": args.arch,
-        "pool": args.pool,
-        "dataset": args.dataset,
-        "split": "test",
-        "n_samples": int(len(indices)),
-        "indices_file": indices_path.name,
-        "processes": world,
+        "model": described, "arch": args.arch, "pool": args.pool, "dataset": args.dataset, "split": "test",
+        "n_samples": int(len(indices)), "indices_file": indices_path.name,
+        "processes": metrics["settings"].pop("processes"),
     })
     save_indices(indices_path, indices, dataset=args.dataset, split="test", seed=args.seed)
     atomic_write_json(out, metrics)
@@ -363,4 +226,3 @@ def run(args: argparse.Namespace) -> int:
     if metrics["flags"]:
         logger.warning("%d gradient-masking flag(s); see 'flags' in %s", len(metrics["flags"]), out)
     logger.info("wrote %s and %s", out, indices_path)
-    return 0

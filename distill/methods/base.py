@@ -28,7 +28,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from distill.attacks import pgd_attack
+from transfer_analysis.attacks import default_step_size, pgd_attack
 from transfer_analysis.errors import UserError
 from transfer_analysis.utils import parse_eps
 
@@ -193,10 +193,10 @@ class Method:
         k = 0 if teachers is None else len(teachers)
         if k < self.min_teachers:
             raise UserError(f"method {self.name!r} needs at least {self.min_teachers} teacher(s), got {k}; "
-                            "pass --pool POOL.yaml --teachers a,b,...")
+                            "give `pool` and `teachers`")
         if self.max_teachers is not None and k > self.max_teachers:
             if self.max_teachers == 0:
-                raise UserError(f"method {self.name!r} uses no teachers, got {k}; drop --teachers")
+                raise UserError(f"method {self.name!r} uses no teachers, got {k}; drop `teachers`")
             raise UserError(f"method {self.name!r} takes at most {self.max_teachers} teacher(s), got {k}")
         self.teachers = teachers if k else None
 
@@ -226,7 +226,7 @@ class Method:
 
 @dataclass(kw_only=True)
 class AdversarialMethod(Method):
-    """A method with an inner L∞ PGD (``distill.attacks.pgd_attack``, student in eval mode, fp32)."""
+    """A method with an inner L∞ PGD (``transfer_analysis.attacks.pgd_attack``, student in eval mode, fp32)."""
 
     #: step size; ``None`` = ε/4 (2/255 at ε = 8/255).
     alpha: float | str | None = None
@@ -237,7 +237,7 @@ class AdversarialMethod(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.alpha = self.eps / 4 if self.alpha is None else parse_eps(self.alpha, "alpha")
+        self.alpha = default_step_size(self.eps) if self.alpha is None else parse_eps(self.alpha, "alpha")
         self._require(isinstance(self.steps, int) and not isinstance(self.steps, bool) and self.steps >= 0,
                       f"steps must be an integer >= 0, got {self.steps!r}")
         self._require(self.start in ("uniform", "normal", "zero"),

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from distill.attacks import kl_to_soft_labels
+from transfer_analysis.attacks import kl_to_soft_labels
 from distill.losses import kl_divergence
 
 from .base import AdversarialMethod, check_positive, check_reduction, register_method

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.attacks import eval_mode
+from transfer_analysis.attacks import eval_mode
 from distill.losses import kl_divergence
 
 from .base import AdversarialMethod, check_positive, register_method

@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 import torch
 
-from distill.attacks import pgd_attack
+from transfer_analysis.attacks import pgd_attack
 from distill.losses import darht_loss
 from distill.methods import FrozenTeachers, create_method
 from distill.student import build_student

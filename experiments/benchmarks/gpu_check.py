@@ -50,7 +50,7 @@ def _tiny(width: int, seed: int, classes: int = 10, chans: int = 3) -> torch.nn.
 
 
 def step_amp(device: torch.device, small: bool) -> str:
-    from distill.attacks import pgd_attack
+    from transfer_analysis.attacks import pgd_attack
 
     model = _tiny(8, 0).to(device)
     x = torch.rand(64 if not small else 8, 3, 32, 32, device=device)

@@ -1,14 +1,17 @@
-"""L∞ attacks by name: a small registry over torchattacks, configured by ε, steps and step size.
+"""L∞ attacks by name: the registry behind ``AttackConfig``, over the toolkit's PGD and torchattacks.
 
 Built-ins (``list_attacks()``):
 
 - ``pgd``: PGD with a uniform random start; 10 steps of ε/4 by default (Madry et al.).
-- ``fgsm``: one signed-gradient step of ε (steps and step size do not apply).
-- ``mifgsm``: momentum iterative FGSM; 10 steps of ε/4, decay 1.0 by default.
-- ``apgd``: APGD-CE, Linf, 10 iterations by default (the step size is adaptive, so none applies).
+- ``fgsm``: one signed-gradient step of ε from the clean image (steps and step size do not apply).
+- ``cw``: CW∞, PGD on the margin loss ``max_{j != y} z_j - z_y`` (κ = 50); 30 steps of ε/4 by default.
+- ``mifgsm``: momentum iterative FGSM (torchattacks); 10 steps of ε/4, decay 1.0 by default.
+- ``apgd``: APGD-CE (torchattacks), Linf, 10 iterations by default (adaptive step, so none applies).
 
-Any other torchattacks L∞ attack can be named too (``bim``, ``tpgd``, ``difgsm``, ``apgdt``,
-``square``...): the class is looked up in torchattacks' namespace (only subclasses of
+``pgd``, ``fgsm`` and ``cw`` are :class:`~transfer_analysis.attacks.pgd.LinfPGD`, the PGD that the
+training methods and evaluation run (the same examples as torchattacks' PGD for the same seed,
+tested). Any other torchattacks L∞ attack can be named too (``bim``, ``tpgd``, ``difgsm``,
+``apgdt``...): the class is looked up in torchattacks' namespace (only subclasses of
 ``torchattacks.Attack``, never ``eval``), ε, steps and step size are mapped onto its own
 arguments, and ``norm`` is set to ``"Linf"``. When no step size is given, a generic attack gets its
 torchattacks default step scaled to ε (torchattacks' defaults assume ε = 8/255, so PGD-like
@@ -29,7 +32,7 @@ Example:
     >>> bool(((atk(x, y) - x).abs() <= 0.1 + 1e-6).all())
     True
     >>> list_attacks()
-    ['apgd', 'fgsm', 'mifgsm', 'pgd']
+    ['apgd', 'cw', 'fgsm', 'mifgsm', 'pgd']
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ from typing import Any
 
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
+from .pgd import LinfPGD
+from .threat import DEFAULT_STEP_FRACTION, default_step_size
 
 __all__ = [
     "attack_record",
@@ -87,6 +92,7 @@ class AttackSpec:
         takes_step_size: whether ``step_size`` applies.
         takes_random_start: whether ``random_start`` applies.
         step_fraction: default step size as a fraction of ε.
+        default_steps: iterations when none are given.
         description: one line for ``--help`` and error messages.
         reserved: the class's arguments set from ε/steps/step size, refused as extra kwargs.
     """
@@ -97,9 +103,10 @@ class AttackSpec:
     takes_steps: bool = True
     takes_step_size: bool = True
     takes_random_start: bool = False
-    step_fraction: float = 0.25
+    step_fraction: float = DEFAULT_STEP_FRACTION
     description: str = ""
     reserved: frozenset[str] = frozenset()
+    default_steps: int = 10
 
     def attack_class(self) -> type | None:
         """The torchattacks class (resolved from its name on first use)."""
@@ -123,8 +130,8 @@ def canonical_attack_name(name: str) -> str:
 
 def register_attack(name: str, *, cls: type | str | None = None, takes_steps: bool = True,
                     takes_step_size: bool = True, takes_random_start: bool = False,
-                    step_fraction: float = 0.25, description: str = "",
-                    reserved: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+                    step_fraction: float = DEFAULT_STEP_FRACTION, description: str = "",
+                    reserved: tuple[str, ...] = (), default_steps: int = 10) -> Callable[[Callable], Callable]:
     """Decorator: register an attack builder under ``name``.
 
     The builder is called as ``builder(model, eps=..., steps=..., step_size=..., random_start=...,
@@ -145,7 +152,7 @@ def register_attack(name: str, *, cls: type | str | None = None, takes_steps: bo
         _REGISTRY[key] = AttackSpec(name=key, builder=fn, cls=cls, takes_steps=takes_steps,
                                     takes_step_size=takes_step_size, takes_random_start=takes_random_start,
                                     step_fraction=step_fraction, description=description,
-                                    reserved=frozenset(reserved))
+                                    reserved=frozenset(reserved), default_steps=default_steps)
         return fn
 
     return decorator
@@ -182,18 +189,29 @@ def _ta_class(attr: str) -> type:
     return obj
 
 
-@register_attack("pgd", cls="PGD", takes_random_start=True, reserved=("eps", "alpha", "steps", "random_start"),
+@register_attack("pgd", cls=LinfPGD, takes_random_start=True,
+                 reserved=("eps", "alpha", "steps", "start", "loss"),
                  description="PGD, uniform random start, 10 steps of eps/4 by default")
 def _build_pgd(model: nn.Module, eps: float, steps: int, step_size: float, random_start: bool,
                num_classes: int | None, seed: int | None, **kwargs: Any):
-    return _ta().PGD(model, eps=eps, alpha=step_size, steps=steps, random_start=random_start, **kwargs)
+    return LinfPGD(model, eps=eps, alpha=step_size, steps=steps, start="uniform" if random_start else "zero",
+                   **kwargs)
 
 
-@register_attack("fgsm", cls="FGSM", takes_steps=False, takes_step_size=False, reserved=("eps",),
-                 description="FGSM, one step of eps")
+@register_attack("fgsm", cls=LinfPGD, takes_steps=False, takes_step_size=False,
+                 reserved=("eps", "alpha", "steps", "start", "loss"), description="FGSM, one step of eps")
 def _build_fgsm(model: nn.Module, eps: float, steps: int | None, step_size: float | None, random_start: bool,
                 num_classes: int | None, seed: int | None, **kwargs: Any):
-    return _ta().FGSM(model, eps=eps, **kwargs)
+    return LinfPGD(model, eps=eps, alpha=eps, steps=1, start="zero", **kwargs)
+
+
+@register_attack("cw", cls=LinfPGD, takes_random_start=True, default_steps=30,
+                 reserved=("eps", "alpha", "steps", "start", "loss"),
+                 description="CW-inf: PGD on the margin loss (kappa 50), 30 steps of eps/4 by default")
+def _build_cw(model: nn.Module, eps: float, steps: int, step_size: float, random_start: bool,
+              num_classes: int | None, seed: int | None, **kwargs: Any):
+    return LinfPGD(model, eps=eps, alpha=step_size, steps=steps, loss="margin",
+                   start="uniform" if random_start else "zero", **kwargs)
 
 
 @register_attack("mifgsm", cls="MIFGSM", reserved=("eps", "alpha", "steps"),
@@ -256,7 +274,7 @@ def _generic_spec(key: str, cls: type) -> AttackSpec:
     eps_p = _first(params, _EPS_PARAMS)
     steps_p = _first(params, _STEPS_PARAMS)
     step_p = _first(params, _STEP_SIZE_PARAMS)
-    fraction = 0.25
+    fraction = DEFAULT_STEP_FRACTION
     if step_p is not None and eps_p is not None:
         a, e = params[step_p].default, params[eps_p].default
         if isinstance(a, (int, float)) and isinstance(e, (int, float)) and e > 0:
@@ -361,18 +379,18 @@ class AttackConfig:
         spec = get_attack_spec(self.name)
         eps = float(self.eps)
         if not math.isfinite(eps) or eps < 0:
-            raise UserError(f"--eps must be a finite number >= 0, got {self.eps!r}")
+            raise UserError(f"`eps` must be a finite number >= 0, got {self.eps!r}")
         steps = None
         if spec.takes_steps:
-            steps = DEFAULT_STEPS if self.steps is None else self.steps
+            steps = spec.default_steps if self.steps is None else self.steps
             if isinstance(steps, bool) or int(steps) != steps or steps < 1:
-                raise UserError(f"--steps must be a positive integer, got {self.steps!r}")
+                raise UserError(f"`steps` must be a positive integer, got {self.steps!r}")
             steps = int(steps)
         step_size = None
         if spec.takes_step_size:
-            step_size = spec.step_fraction * eps if self.step_size is None else float(self.step_size)
+            step_size = default_step_size(eps, spec.step_fraction) if self.step_size is None else float(self.step_size)
             if not math.isfinite(step_size) or step_size < 0:
-                raise UserError(f"--step-size must be a finite number >= 0, got {self.step_size!r}")
+                raise UserError(f"`step_size` must be a finite number >= 0, got {self.step_size!r}")
         random_start = bool(self.random_start) if spec.takes_random_start else None
         kwargs = dict(self.kwargs or {})
         _check_kwargs(spec, kwargs)
@@ -391,7 +409,7 @@ class AttackConfig:
 
     def describe(self) -> str:
         """One line for logs, e.g. ``pgd eps=0.031373 (8/255) steps=10 step=0.007843``."""
-        from .utils import format_eps
+        from ..utils import format_eps
 
         r = self.resolved()
         parts = [r.name, f"eps={format_eps(r.eps)}"]
@@ -419,7 +437,7 @@ def attack_record(attack: AttackConfig) -> dict[str, Any]:
     cfg = attack.resolved()
     spec = get_attack_spec(cfg.name)
     cls = spec.attack_class()
-    out = {**cfg.to_dict(), "class": f"torchattacks.{cls.__name__}" if cls is not None else spec.description,
+    out = {**cfg.to_dict(), "class": _class_name(cls) if cls is not None else spec.description,
            "class_defaults": {}}
     if cls is not None:
         given = set(cfg.kwargs) | set(spec.reserved) | {"model", "eps", "steps", "alpha", "random_start", "seed",
@@ -429,6 +447,13 @@ def attack_record(attack: AttackConfig) -> dict[str, Any]:
                     (p.default is None or isinstance(p.default, (bool, int, float, str))):
                 out["class_defaults"][name] = p.default
     return out
+
+
+def _class_name(cls: type) -> str:
+    """``torchattacks.PGD`` for a torchattacks class, else its module path (``transfer_analysis.attacks.LinfPGD``)."""
+    if cls.__module__.split(".")[0] == "torchattacks":
+        return f"torchattacks.{cls.__name__}"
+    return f"transfer_analysis.attacks.{cls.__name__}"
 
 
 def _check_kwargs(spec: AttackSpec, kwargs: Mapping[str, Any]) -> None:
@@ -442,7 +467,7 @@ def _check_kwargs(spec: AttackSpec, kwargs: Mapping[str, Any]) -> None:
     params = _init_params(cls)
     for k in kwargs:
         if k in spec.reserved:
-            raise UserError(f"attack kwarg {k!r} is set by --eps/--steps/--step-size for {spec.name}; "
+            raise UserError(f"attack kwarg {k!r} is set by `eps`/`steps`/`step_size` for {spec.name}; "
                             "use those options instead")
         if k not in params:
             allowed = sorted(p for p in params if p not in spec.reserved)
