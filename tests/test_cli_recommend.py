@@ -68,7 +68,7 @@ def test_recommend_csv_path_options_and_constraints(mdir, tmp_path, capsys):
     assert data["sets"][0]["score"] == pytest.approx(0.85)
     assert data["constraints"] == {"min_clean_acc": 0.6, "min_robust_acc": None, "require": ["a"],
                                    "exclude": ["d"], "max_params": 35000000}
-    assert data["excluded"] == {"d": "excluded by --exclude"}
+    assert data["excluded"] == {"d": "excluded by `exclude`"}
 
 
 def test_recommend_worst_and_family_only(mdir, tmp_path, capsys):

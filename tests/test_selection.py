@@ -241,7 +241,7 @@ def test_clique_overflow_keeps_the_optimal_score_but_says_not_exact():
 
 
 def test_clique_effort_limit_gives_a_valid_set_and_says_not_exact(monkeypatch):
-    monkeypatch.setattr(selection, "DEFAULT_CLIQUE_EFFORT", 1)
+    monkeypatch.setattr(selection.cliques, "DEFAULT_CLIQUE_EFFORT", 1)  # the engine reads it
     m, want = planted(n=12, k=4)
     rec = select_teachers(m, 4, enumeration_limit=0)
     assert rec.exact is False and rec.best_score_exact is False
@@ -306,9 +306,9 @@ def test_ties_go_to_higher_robust_accuracy_then_names():
 def test_enums_accept_strings_and_reject_unknown():
     rec = select_teachers(frame(T4, NAMES), 2, objective=Objective.MEAN, pair=PairRule.MEAN)
     assert rec.objective is Objective.MEAN and rec.pair is PairRule.MEAN
-    with pytest.raises(UserError, match="objective must be one of minimax, mean"):
+    with pytest.raises(UserError, match="`objective` must be one of minimax, mean"):
         select_teachers(frame(T4, NAMES), 2, objective="median")
-    with pytest.raises(UserError, match="pair must be one of max, mean"):
+    with pytest.raises(UserError, match="`pair` must be one of max, mean"):
         select_teachers(frame(T4, NAMES), 2, pair="min")
 
 
@@ -324,8 +324,8 @@ def test_each_constraint_is_honoured():
     assert select_teachers(m, 2, models=ATTR, min_clean_acc=0.85, top=10).candidates == ["a", "d"]
     rec = select_teachers(m, 2, models=ATTR, min_robust_acc=0.42, top=10)
     assert [s.teachers for s in rec.sets] == [("a", "d")]
-    assert rec.excluded == {"b": "robust_acc 0.4 < --min-robust-acc 0.42",
-                            "c": "robust_acc 0.3 < --min-robust-acc 0.42"}
+    assert rec.excluded == {"b": "robust_acc 0.4 < `min_robust_acc` 0.42",
+                            "c": "robust_acc 0.3 < `min_robust_acc` 0.42"}
     rec = select_teachers(m, 3, models=ATTR, require="b", top=10)
     # abc and abd tie on both scores: abd has the higher mean robust accuracy (0.45 vs 0.40)
     assert [s.teachers for s in rec.sets] == [("b", "c", "d"), ("a", "b", "d"), ("a", "b", "c")]
@@ -341,23 +341,38 @@ def test_too_few_qualifying_names_the_count_and_the_reasons():
         select_teachers(frame(T4, NAMES), 3, models=ATTR, min_clean_acc=0.85, exclude="d")
     msg = str(err.value)
     assert "only 1 of 4 models qualify" in msg and "fewer than k=3" in msg
-    assert "b: clean_acc 0.8 < --min-clean-acc 0.85" in msg and "d: excluded by --exclude" in msg
+    assert "b: clean_acc 0.8 < `min_clean_acc` 0.85" in msg and "d: excluded by `exclude`" in msg
     assert "\n" not in msg
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(require="zz"), "--require: unknown model"),
-    (dict(exclude="zz"), "--exclude: unknown model"),
+    (dict(require="zz"), "`require`: unknown model"),
+    (dict(exclude="zz"), "`exclude`: unknown model"),
     (dict(require="a", exclude="a"), "both required and excluded"),
-    (dict(require="a,b,c"), "--require names 3 models but k=2"),
+    (dict(require="a,b,c"), "`require` names 3 models but k=2"),
     (dict(require="c", min_robust_acc=0.4), "required model does not qualify: c"),
-    (dict(max_params=25), "no set of k=2 fits --max-params 25"),
+    (dict(max_params=25), "no set of k=2 fits `max_params` 25"),
     (dict(min_clean_acc=1.5), "fraction in"),
-    (dict(top=0), "top must be a positive integer"),
+    (dict(top=0), "`top` must be a positive integer"),
 ])
 def test_constraint_errors(kwargs, match):
     with pytest.raises(UserError, match=match):
         select_teachers(frame(T4, NAMES), 2, models=ATTR, **kwargs)
+
+
+def test_one_request_object_for_both_entry_points():
+    """Issue 15: a SelectionRequest is what both entry points take; options are its fields."""
+    from transfer_analysis.selection import SelectionRequest
+
+    req = SelectionRequest(k=2, objective="mean", top=3)
+    a = select_teachers(frame(T4, NAMES), req, models=ATTR)
+    b = select_teachers(frame(T4, NAMES), 2, objective="mean", top=3, models=ATTR)
+    assert a.to_dict() == b.to_dict()
+    fam = select_teachers_by_family(frame(T4, NAMES), req, models=ATTR)
+    assert {f: r.best.teachers for f, r in fam.items()} == {"cnn": ("a", "b"), "vit": ("c", "d")}
+    assert select_teachers(frame(T4, NAMES), req, top=1, models=ATTR).sets == a.sets[:1]  # options replace fields
+    with pytest.raises(TypeError, match="unexpected option.*'objectiv'.*fields of SelectionRequest"):
+        select_teachers(frame(T4, NAMES), 2, objectiv="mean")
 
 
 def test_unknown_attributes_do_not_qualify_for_their_constraint():
@@ -365,7 +380,7 @@ def test_unknown_attributes_do_not_qualify_for_their_constraint():
         select_teachers(frame(T4, NAMES), 2, min_clean_acc=0.1)
 
 
-@pytest.mark.parametrize("k, match", [(0, "k must be at least 2"), (1, "k must be at least 2"),
+@pytest.mark.parametrize("k, match", [(0, "`k` must be at least 2"), (1, "`k` must be at least 2"),
                                       (5, "k=5 is larger than the pool: the matrix has 4 models")])
 def test_k_out_of_range(k, match):
     with pytest.raises(UserError, match=match):
@@ -486,3 +501,20 @@ def test_an_empty_direction_defers_to_the_other():
     assert pair_scores(T, "mean").loc["b", "c"] == pytest.approx(0.35)
     rec = select_teachers(T, k=2)
     assert list(rec.best.teachers) == ["a", "c"] and rec.best.max_pair == pytest.approx(0.2)
+
+
+def test_nan_cell_ranking_is_the_same_in_the_search_the_graph_and_the_json(tmp_path):
+    """Issue 15's case: T[a,b] empty, T[b,a] = 0.5, {a,c} = 0.6, {b,c} = 0.7. The whole ranking of
+    ``--k 2 --objective mean --top 3`` follows the one pair-score rule, as the graph and rec.json do."""
+    T = pd.DataFrame([[1.0, np.nan, 0.6], [0.5, 1.0, 0.7], [0.6, 0.7, 1.0]], index=list("abc"), columns=list("abc"))
+    for objective in ("mean", "minimax"):
+        rec = select_teachers(T, k=2, objective=objective, top=3)
+        assert [s.teachers for s in rec.sets] == [("a", "b"), ("a", "c"), ("b", "c")], objective
+        assert [s.score for s in rec.sets] == pytest.approx([0.5, 0.6, 0.7])
+    graph = transfer_graph(T)
+    assert {tuple(sorted(e)): d["weight"] for *e, d in graph.edges(data=True)} == \
+        pytest.approx({("a", "b"): 0.5, ("a", "c"): 0.6, ("b", "c"): 0.7})
+    paths = write_recommendation(rec, tmp_path / "rec.json", graph=graph)
+    data = json.loads(paths[-1].read_text())
+    assert [s["teachers"] for s in data["sets"]] == [["a", "b"], ["a", "c"], ["b", "c"]]
+    assert data["sets"][0]["pairs"][0]["score"] == pytest.approx(0.5)

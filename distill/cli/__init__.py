@@ -53,8 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         common.add_common_arguments(p)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        # argparse dest -> flag: library errors name parameters, the command line shows its flags
+        flags = {a.dest: next((o for o in a.option_strings if o.startswith("--")), a.option_strings[0])
+                 for a in p._actions if a.option_strings and a.dest != "help"}
+        flags.update({param: flag for param, flag in _PARAM_ALIASES.items() if flag in p._option_string_actions})
+        p.set_defaults(_run=module.run, _flags=flags)
     return parser
+
+
+# library parameters whose name differs from the flag that sets them
+_PARAM_ALIASES = {"cache_dir": "--cache", "trust": "--trust-checkpoint", "n": "--n-samples"}
 
 
 def _version() -> str:
@@ -74,7 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with handle_signals():
             code = args._run(args)
     except UserError as err:
-        sys.stderr.write(f"darht {args.command}: error: {err}\n")
+        from transfer_analysis.errors import cli_text
+
+        sys.stderr.write(f"darht {args.command}: error: {cli_text(str(err), args._flags)}\n")
         return UserError.exit_code
     except KeyboardInterrupt as err:
         name, code = (err.signal_name, err.exit_code) if isinstance(err, Interrupted) else ("SIGINT", 130)
