@@ -129,7 +129,9 @@ def _resume_worker(rank: int, port: int, root: str) -> None:
     if rank != 0:  # record any file this rank would write
         for name in ("atomic_torch_save", "atomic_write_json", "write_run_config", "write_env_json",
                      "save_student", "save_indices", "_write_summary", "prepare_out_dir"):
-            setattr(trainer, name, lambda *a, _n=name, **k: writes.append(_n))
+            for module in (trainer.loop, trainer.checkpoint, trainer.config):  # wherever the trainer calls it
+                if hasattr(module, name):
+                    setattr(module, name, lambda *a, _n=name, **k: writes.append(_n))
     data = make_synthetic(num_classes=4, in_chans=1, image_size=8, n_train=128, n_test=32, seed=1)
     base = Path(root)
     try:

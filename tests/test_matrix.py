@@ -18,7 +18,7 @@ import torch
 import torchattacks
 from torch import nn
 
-import transfer_analysis.matrix as matrix_mod
+import transfer_analysis.matrix.engine as matrix_mod  # the engine: where build_attack is looked up
 from transfer_analysis import balanced_subset
 from transfer_analysis.attacks import AttackConfig
 from transfer_analysis.errors import UserError
@@ -289,7 +289,7 @@ def test_placement_evicts_least_recently_used():
 
 def test_bad_inputs_are_user_errors(pool, data):
     x, y = data
-    with pytest.raises(UserError, match="batch-size"):
+    with pytest.raises(UserError, match="`batch_size`"):
         transfer_matrix(pool, x, y, ATTACK, batch_size=0)
     with pytest.raises(UserError, match=r"\[0, 1\]"):
         transfer_matrix(pool, x * 2, y, ATTACK)

@@ -65,7 +65,7 @@ def test_resolve_config_uses_the_method_protocol_and_validates() -> None:
         resolve_config({"method": "darht", "student": "s", "dataset": "d", "milestones": [0.8, 0.5]})
     with pytest.raises(UserError, match="unknown attack"):
         resolve_config({"method": "darht", "student": "s", "dataset": "d", "final_attacks": "pgd,nope"})
-    with pytest.raises(UserError, match="not inside method_kwargs"):
+    with pytest.raises(UserError, match="not inside `method_kwargs`"):
         resolve_config({"method": "darht", "student": "s", "dataset": "d", "method_kwargs": {"eps": 0.1}})
     base = {"method": "darht", "student": "s", "dataset": "d", "final_attacks": "clean,pgd20,autoattack"}
     assert resolve_config({**base, "final_attack_samples": {"AutoAttack": 200}}).final_attack_samples == \
@@ -277,7 +277,7 @@ def test_ema_update_rule_by_hand() -> None:
 
 def test_run_killed_in_its_final_evaluation_resumes_there(data, tmp_path: Path, monkeypatch) -> None:
     """Issue 13: the final evaluation keeps a state; a resume finishes it without retraining."""
-    import distill.evaluation as ev
+    import distill.evaluation.evaluate as ev  # where evaluate_robustness looks _attack_correct up
 
     cfg = _config(method="standard", method_kwargs={}, epochs=1, final_attacks=["clean", "fgsm", "pgd5"])
     full = train(cfg, tmp_path / "full", dataset=data)
