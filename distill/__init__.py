@@ -30,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     "evaluate_robustness": "evaluation",
     "robust_accuracy": "evaluation",
     "accuracy": "evaluation",
+    "per_sample_correct": "evaluation",
+    "load_model": "evaluation.models",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -71,7 +71,7 @@ def teacher_paths(out: str | os.PathLike) -> tuple[Path, Path, Path]:
     """``(weights, pool entry YAML, run directory)`` for ``--out W.safetensors``."""
     out = Path(out)
     if out.suffix != ".safetensors":
-        raise UserError(f"--out must name a .safetensors file (e.g. teachers/vit_a.safetensors), got {out}")
+        raise UserError(f"`out` must name a .safetensors file (e.g. teachers/vit_a.safetensors), got {out}")
     stem = out.with_suffix("")
     return out, stem.with_name(stem.name + ".yaml"), stem.with_name(stem.name + ".run")
 
@@ -142,10 +142,10 @@ def train_teacher(arch: str, dataset: str | ImageDataset, out: str | os.PathLike
     if not resume and not force:
         for p in (weights, entry_path):
             if p.exists():
-                raise UserError(f"{p} already exists; pass --force to replace it (or --resume to finish its run)")
+                raise UserError(f"{p} already exists; pass `force` to replace it (or `resume` to finish its run)")
     entry_name = name or weights.stem
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", entry_name):
-        raise UserError(f"teacher name {entry_name!r} must use letters, digits, '_', '-' or '.'; pass --name")
+        raise UserError(f"teacher name {entry_name!r} must use letters, digits, '_', '-' or '.'; pass `name`")
     if model_kwargs and "input_size" in model_kwargs:
         raise UserError("train_teacher: pass input_size as its own argument, not inside model_kwargs")
     student_kwargs = {**dict(model_kwargs or {}), **({"input_size": input_size} if input_size is not None else {})}
@@ -155,7 +155,7 @@ def train_teacher(arch: str, dataset: str | ImageDataset, out: str | os.PathLike
     # (a resume of a run that finished before its weights were written only writes them)
     result = train(cfg, run_dir, resume=resume, force=force, dataset=dataset_obj)
     if not result.completed:  # pragma: no cover - only with stop_after_epochs
-        raise UserError(f"teacher training of {entry_name} stopped early; finish it with --resume")
+        raise UserError(f"teacher training of {entry_name} stopped early; finish it with `resume`")
     student = result.student
     spec = student.spec
     atomic_save_safetensors(student.timm_model.state_dict(), weights,

@@ -85,14 +85,14 @@ class Tracker:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                raise UserError("--tensorboard needs the tensorboard package: pip install -e \".[tensorboard]\"") \
+                raise UserError("`tensorboard` needs the tensorboard package: pip install -e \".[tensorboard]\"") \
                     from err
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         if wandb_project is not None:
             try:
                 import wandb
             except ImportError as err:
-                raise UserError("--log-wandb needs the wandb package: pip install -e \".[wandb]\" (WANDB_MODE=offline "
+                raise UserError("`log_wandb` needs the wandb package: pip install -e \".[wandb]\" (WANDB_MODE=offline "
                                 "logs without a network)") from err
             self._wandb = wandb.init(project=wandb_project, name=name or self.run_dir.name, dir=str(self.run_dir),
                                      config=dict(config), reinit=True)

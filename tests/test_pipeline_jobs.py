@@ -64,7 +64,7 @@ def test_emitted_stages_run_item_by_item_equal_a_plain_run(tmp_path, capsys):
 
 @pytest.mark.parametrize("bad", ["teacher", "matrix:2/2", "matrix:a/b", "students:x", "recommend:x"])
 def test_bad_items_are_refused(bad):
-    with pytest.raises(UserError, match="--only takes"):
+    with pytest.raises(UserError, match="`only` takes"):
         parse_item(bad)
 
 

@@ -102,7 +102,7 @@ def test_prepare_out_dir_refuses_to_clobber(tmp_path):
     out = tmp_path / "run"
     prepare_out_dir(out)
     (out / "config.yaml").write_text("a: 1\n")
-    with pytest.raises(UserError, match="--resume"):
+    with pytest.raises(UserError, match="`resume`"):
         prepare_out_dir(out)
     assert prepare_out_dir(out, resume=True) == out and (out / "config.yaml").exists()
     prepare_out_dir(out, force=True)

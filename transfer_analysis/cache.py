@@ -114,7 +114,7 @@ class MatrixCache:
     def __init__(self, root: str | os.PathLike | None, background: bool = False) -> None:
         self.root = Path(root) if root is not None else None
         if self.root is not None and self.root.exists() and not self.root.is_dir():
-            raise UserError(f"cache path {self.root} exists and is not a directory; choose another --cache")
+            raise UserError(f"cache path {self.root} exists and is not a directory; choose another `cache_dir`")
         self._preds: dict[str, dict[str, torch.Tensor]] = {}
         self._clean: dict[str, torch.Tensor] = {}
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="matrix-cache") \

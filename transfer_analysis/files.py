@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from .errors import UserError
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "read_yaml"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "read_yaml", "to_plain"]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -92,18 +93,37 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         fh.write(text)
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer,)):
+def to_plain(obj: Any, *, nan_to_none: bool = False) -> Any:
+    """``obj`` as plain data for YAML or strict JSON: mappings (string keys), lists, and Python
+    numbers for NumPy scalars and tensors; paths and devices as strings; NaN as ``None`` when
+    ``nan_to_none`` (strict JSON). The one converter of the toolkit's outputs.
+
+    Example:
+        >>> to_plain({"a": (np.int64(1), Path("x")), 2: np.float32(0.5)})
+        {'a': [1, 'x'], '2': 0.5}
+        >>> to_plain([float("nan")], nan_to_none=True)
+        [None]
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v, nan_to_none=nan_to_none) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v, nan_to_none=nan_to_none) for v in obj]
+    if isinstance(obj, np.ndarray) or (type(obj).__module__.startswith("torch") and hasattr(obj, "tolist")):
+        return to_plain(obj.tolist(), nan_to_none=nan_to_none)  # an array or a tensor (torch not imported here)
+    if isinstance(obj, np.integer):
         return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if type(obj).__module__.startswith("torch") and hasattr(obj, "tolist"):  # a tensor (torch not imported here)
-        return obj.tolist() if obj.numel() != 1 else obj.item()
-    if isinstance(obj, Path):
+    if isinstance(obj, (float, np.floating)):
+        return None if nan_to_none and math.isnan(float(obj)) else float(obj)
+    if isinstance(obj, Path) or type(obj).__module__ == "torch" and type(obj).__name__ == "device":
         return str(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+    return obj
+
+
+def _json_default(obj: Any) -> Any:
+    plain = to_plain(obj)
+    if plain is obj:
+        raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+    return plain
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:

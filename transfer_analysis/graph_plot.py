@@ -20,6 +20,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -51,13 +52,8 @@ def render_transfer_graph(graph: nx.Graph, highlight: Sequence[str] = (), title:
     Returns:
         The PNG file content.
     """
-    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.collections import LineCollection
-    from matplotlib.colors import Normalize
-    from matplotlib.cm import ScalarMappable
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
 
     pos = _layout(graph)
     nodes = list(pos)
@@ -71,6 +67,23 @@ def render_transfer_graph(graph: nx.Graph, highlight: Sequence[str] = (), title:
     ax.set_aspect("equal")
     ax.axis("off")
 
+    sm = _draw_edges(ax, graph, pos, chosen, max_edges)
+    fam_color = _draw_nodes(ax, graph, pos, chosen)
+    _draw_legend(fig, graph, sm, fam_color, chosen)
+    if title:
+        fig.suptitle(title, fontsize=12, x=0.42)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def _draw_edges(ax: Any, graph: nx.Graph, pos: dict[str, Any], chosen: set[str], max_edges: int) -> Any:
+    """Every edge coloured by its pair score (the chosen set's bold and labelled); the colour scale."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import Normalize
+
+    n = len(pos)
     # light (low transfer) to dark violet (high), never black: a high-score edge stays a colour at the
     # alpha the other edges are drawn with (magma_r's black end read as plain grey)
     cmap = "viridis_r"
@@ -120,6 +133,15 @@ def render_transfer_graph(graph: nx.Graph, highlight: Sequence[str] = (), title:
                             ha="center", va="center", zorder=7,
                             bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
 
+    return sm
+
+
+def _draw_nodes(ax: Any, graph: nx.Graph, pos: dict[str, Any], chosen: set[str]) -> dict[Any, Any]:
+    """Nodes coloured by family (the chosen set's larger, outlined) and their labels; family -> colour."""
+    from matplotlib import colormaps
+
+    nodes = list(pos)
+    n = len(nodes)
     fams = sorted({graph.nodes[v].get("family") for v in nodes}, key=lambda f: (f is None, str(f or "")))
     tab = colormaps["tab10" if len(fams) <= 10 else "tab20"]
     fam_color = {f: ((0.7, 0.7, 0.7, 1.0) if f is None else tab(i % tab.N)) for i, f in enumerate(fams)}
@@ -143,6 +165,14 @@ def render_transfer_graph(graph: nx.Graph, highlight: Sequence[str] = (), title:
     ax.set_xlim(-1.6, 1.6)
     ax.set_ylim(-1.6, 1.6)
 
+    return fam_color
+
+
+def _draw_legend(fig: Any, graph: nx.Graph, sm: Any, fam_color: dict[Any, Any], chosen: set[str]) -> None:
+    """The pair-score colour bar and the family / chosen-set legend."""
+    from matplotlib.lines import Line2D
+
+    fams = list(fam_color)
     cax = fig.add_axes((0.84, 0.12, 0.025, 0.6))
     cb = fig.colorbar(sm, cax=cax)
     cb.set_label(f"pair score ({graph.graph.get('pair', 'max')} of the two transfer rates)")
@@ -153,11 +183,6 @@ def render_transfer_graph(graph: nx.Graph, highlight: Sequence[str] = (), title:
                               markerfacecolor="white", markeredgecolor="black", markeredgewidth=2.5,
                               label="chosen set"))
     fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(0.995, 0.995), fontsize=9, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=12, x=0.42)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
 
 
 def plot_transfer_graph(graph: nx.Graph, path: str | os.PathLike, highlight: Sequence[str] = (),

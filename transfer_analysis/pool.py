@@ -435,8 +435,9 @@ def build_pool_model(entry: PoolEntry, num_classes: int, in_chans: int, image_si
     models are built, and in whatever order, so results cached per model stay valid.
     """
     if init_seed is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed_for(init_seed, entry.name))
+        from .runtime import seeded
+
+        with seeded(init_seed_for(init_seed, entry.name)):
             return build_pool_model(entry, num_classes, in_chans, image_size, device, check_forward)
     size = entry.input_size if entry.input_size is not None else image_size
     size_hw = (size, size) if isinstance(size, int) else tuple(size)

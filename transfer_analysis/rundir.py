@@ -1,4 +1,7 @@
-"""Claiming output paths before any work: every command checks where it will write first.
+"""Run directories: claiming output paths before any work, then the directory, ``config.yaml`` and
+``env.json`` of a run.
+
+Every command checks where it will write first.
 
 A run that can only fail at its end (a read-only disk, ``--out`` under a file, a side file that would
 be overwritten) wastes the whole run; these checks make it a one-line refusal at the start.
@@ -18,10 +21,16 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import platform
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError
+from .files import atomic_write_json, atomic_write_text, to_plain
 
 __all__ = ["check_output_path", "claim_output_files"]
 
@@ -33,7 +42,7 @@ def _nearest_existing(path: Path) -> Path:
     return Path(os.sep)
 
 
-def check_output_path(path: str | os.PathLike, flag: str = "--out") -> None:
+def check_output_path(path: str | os.PathLike, flag: str = "`out`") -> None:
     """Refuse a path that cannot be written: under an existing file, or in a read-only or
     unwritable directory. Nothing is created."""
     path = Path(path)
@@ -50,7 +59,7 @@ def check_output_path(path: str | os.PathLike, flag: str = "--out") -> None:
         raise UserError(f"{flag} {path}: cannot write under {folder} ({why}); choose another path")
 
 
-def claim_output_files(paths: Iterable[str | os.PathLike], *, force: bool = False, flag: str = "--out") -> None:
+def claim_output_files(paths: Iterable[str | os.PathLike], *, force: bool = False, flag: str = "`out`") -> None:
     """Check every file a command will write (``--out`` and its side files) before any work: each is
     writable (:func:`check_output_path`), none is a directory, and none exists unless ``force``.
 
@@ -62,5 +71,95 @@ def claim_output_files(paths: Iterable[str | os.PathLike], *, force: bool = Fals
         if p.is_dir():
             raise UserError(f"{flag}: {p} is a directory; give a file name")
         if p.exists() and not force:
-            raise UserError(f"{p} already exists (written by an earlier run); pass --force to replace it or choose "
+            raise UserError(f"{p} already exists (written by an earlier run); pass `force` to replace it or choose "
                             f"another {flag}")
+
+
+def check_run_dir(out: str | os.PathLike, *, resume: bool, force: bool, what: str = "run") -> None:
+    """What ``out`` may be for a run (training, a study): new (neither flag), an unfinished run
+    (``resume``), or anything to replace (``force``); checked before any work, nothing is written.
+    The one rule of every command that writes a run directory."""
+    out = Path(out)
+    check_output_path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"`out` {out} exists and is not a directory; choose another path")
+    if resume and force:
+        raise UserError("`resume` continues a run and `force` replaces it; give one of them")
+    is_run = (out / "config.yaml").is_file()
+    if is_run and not (resume or force):
+        raise UserError(f"{out} already holds a {what}; pass `resume` to continue it or `force` to replace it")
+    if resume and not is_run:
+        raise UserError(f"nothing to resume in {out}: it holds no {what} (no config.yaml); drop `resume` to start one")
+
+
+def prepare_out_dir(out: str | os.PathLike, resume: bool = False, force: bool = False,
+                    marker: str = "config.yaml") -> Path:
+    """Create an output directory, refusing to clobber an earlier run.
+
+    A directory that already holds ``marker`` is a run: it is refused unless ``resume`` (continue
+    it) or ``force`` (wipe it and start again).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"`out` {out} exists and is not a directory; choose another path")
+    if out.is_dir() and (out / marker).exists():
+        if force:
+            shutil.rmtree(out)
+        elif not resume:
+            raise UserError(f"{out} already holds a run; pass `resume` to continue it or `force` to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_run_config(run_dir: str | os.PathLike, config: Mapping[str, Any], name: str = "config.yaml") -> Path:
+    """Write the resolved configuration of a run as YAML (atomically)."""
+    import yaml
+
+    path = Path(run_dir) / name
+    atomic_write_text(path, yaml.safe_dump(to_plain(config), sort_keys=False))
+    return path
+
+
+def _git_revision() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment_info(device: Any = None) -> dict[str, Any]:
+    """Versions, device and git revision, for ``env.json``."""
+    import importlib.metadata as md
+
+    import torch
+
+    versions: dict[str, str | None] = {}
+    for pkg in ("torch", "torchvision", "timm", "torchattacks", "numpy", "pandas", "networkx"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "device": str(device) if device is not None else None,
+        "cuda_available": torch.cuda.is_available(),
+        "cpu_threads": torch.get_num_threads(),
+        "git_revision": _git_revision(),
+        "argv": sys.argv,
+    }
+    if torch.cuda.is_available():
+        info["cuda_device_name"] = torch.cuda.get_device_name()
+        info["cuda_version"] = torch.version.cuda
+    return info
+
+
+def write_env_json(run_dir: str | os.PathLike, device: Any = None) -> Path:
+    """Write ``env.json`` (versions, device, git revision) into a run directory."""
+    path = Path(run_dir) / "env.json"
+    atomic_write_json(path, environment_info(device))
+    return path

@@ -1,7 +1,12 @@
-"""Shared plumbing: devices, seeds, ε parsing, atomic writes, safe loading, run directories.
+"""ε parsing and tensor files (atomic ``torch.save`` / safetensors, the safe ``torch.load``), and
+the one import point of the shared plumbing: devices and seeds (:mod:`transfer_analysis.runtime`),
+atomic text/JSON/YAML files (:mod:`transfer_analysis.files`), run directories
+(:mod:`transfer_analysis.rundir`) and the console (:mod:`transfer_analysis.console`) are
+re-exported here, so ``from transfer_analysis.utils import ...`` keeps working.
 
-Everything here is small and dependency-free beyond torch, so both halves of the toolkit
-(``transfer_analysis`` and ``distill``) build on it.
+Example:
+    >>> parse_eps("8/255") == 8 / 255, format_eps(8 / 255)
+    (True, '0.031373 (8/255)')
 """
 
 from __future__ import annotations
@@ -10,22 +15,26 @@ import io
 import logging
 import math
 import os
-import platform
-import random
 import re
-import shutil
-import subprocess
-import sys
 from collections.abc import Mapping
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .console import Interrupted, handle_signals, is_rank_zero, progress, setup_logging  # noqa: F401 - re-exported
 from .errors import UserError
+from .rundir import environment_info, prepare_out_dir, write_env_json, write_run_config  # noqa: F401 - re-exported
+from .runtime import (  # noqa: F401 - re-exported
+    eval_mode,
+    model_device,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    seeded,
+    set_rng_state,
+)
 from .files import (  # noqa: F401 - re-exported
     _json_default,
     _output_error,
@@ -61,99 +70,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------
-# devices and seeds
-# --------------------------------------------------------------------------------------------
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """Turn ``auto|cpu|cuda[:i]|mps`` into a :class:`torch.device`.
-
-    ``auto`` picks cuda, then mps, then cpu. An unavailable device is a :class:`UserError`.
-
-    Example:
-        >>> resolve_device("cpu")
-        device(type='cpu')
-    """
-    if isinstance(device, torch.device):
-        return device
-    name = (device or "auto").strip().lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as err:
-        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from err
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(
-                f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
-            )
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {device!r} requested but MPS is not available; use --device cpu or auto")
-    return dev
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices).
-
-    Example:
-        >>> seed_everything(0); a = torch.rand(1); seed_everything(0); bool((a == torch.rand(1)).all())
-        True
-    """
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG state needed to resume a run bit-for-bit (plain types and tensors only)."""
-    state: dict[str, Any] = {
-        "python": _python_rng_to_tensor(random.getstate()),
-        "numpy": _numpy_rng_to_tensor(np.random.get_state()),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
-    random.setstate(_python_rng_from_tensor(state["python"]))
-    np.random.set_state(_numpy_rng_from_tensor(state["numpy"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# Python and NumPy RNG states are tuples of ints: store them as int64 tensors so that the resume
-# checkpoint loads with ``weights_only=True``.
-def _python_rng_to_tensor(st: tuple) -> dict[str, Any]:
-    version, internal, gauss = st
-    return {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
-            "gauss": None if gauss is None else float(gauss)}
-
-
-def _python_rng_from_tensor(d: Mapping[str, Any]) -> tuple:
-    return (int(d["version"]), tuple(int(v) for v in d["internal"].tolist()), d["gauss"])
-
-
-def _numpy_rng_to_tensor(st: tuple) -> dict[str, Any]:
-    _, keys, pos, has_gauss, cached = st
-    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
-
-
-def _numpy_rng_from_tensor(d: Mapping[str, Any]) -> tuple:
-    keys = d["keys"].numpy().astype(np.uint32)
-    return ("MT19937", keys, int(d["pos"]), int(d["has_gauss"]), float(d["cached"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +147,7 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.
 
 
 def safe_torch_load(path: str | os.PathLike, trust: bool = False, what: str = "checkpoint",
-                    trust_hint: str | None = "trust_checkpoint: true in the pool entry, or --trust-checkpoint"
+                    trust_hint: str | None = "trust_checkpoint: true in the pool entry, or `trust_checkpoint`"
                     ) -> Any:
     """Load a torch file with ``weights_only=True``; unpickling arbitrary objects needs ``trust``.
 
@@ -269,95 +185,3 @@ def safe_torch_load(path: str | os.PathLike, trust: bool = False, what: str = "c
     except (pickle.UnpicklingError, EOFError, ModuleNotFoundError, AttributeError) as err:
         raise UserError(f"{what} {path} cannot be unpickled even when trusted ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
-
-
-# --------------------------------------------------------------------------------------------
-# run directories
-# --------------------------------------------------------------------------------------------
-def prepare_out_dir(out: str | os.PathLike, resume: bool = False, force: bool = False,
-                    marker: str = "config.yaml") -> Path:
-    """Create an output directory, refusing to clobber an earlier run.
-
-    A directory that already holds ``marker`` is a run: it is refused unless ``resume`` (continue
-    it) or ``force`` (wipe it and start again).
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory; choose another path")
-    if out.is_dir() and (out / marker).exists():
-        if force:
-            shutil.rmtree(out)
-        elif not resume:
-            raise UserError(f"{out} already holds a run; pass --resume to continue it or --force to replace it")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _yaml_ready(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _yaml_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_yaml_ready(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, torch.device):
-        return str(obj)
-    return obj
-
-
-def write_run_config(run_dir: str | os.PathLike, config: Mapping[str, Any], name: str = "config.yaml") -> Path:
-    """Write the resolved configuration of a run as YAML (atomically)."""
-    import yaml
-
-    path = Path(run_dir) / name
-    atomic_write_text(path, yaml.safe_dump(_yaml_ready(config), sort_keys=False))
-    return path
-
-
-def _git_revision() -> str | None:
-    here = Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def environment_info(device: torch.device | str | None = None) -> dict[str, Any]:
-    """Versions, device and git revision, for ``env.json``."""
-    import importlib.metadata as md
-
-    versions: dict[str, str | None] = {}
-    for pkg in ("torch", "torchvision", "timm", "torchattacks", "numpy", "pandas", "networkx"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    info: dict[str, Any] = {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "packages": versions,
-        "device": str(device) if device is not None else None,
-        "cuda_available": torch.cuda.is_available(),
-        "cpu_threads": torch.get_num_threads(),
-        "git_revision": _git_revision(),
-        "argv": sys.argv,
-    }
-    if torch.cuda.is_available():
-        info["cuda_device_name"] = torch.cuda.get_device_name()
-        info["cuda_version"] = torch.version.cuda
-    return info
-
-
-def write_env_json(run_dir: str | os.PathLike, device: torch.device | str | None = None) -> Path:
-    """Write ``env.json`` (versions, device, git revision) into a run directory."""
-    path = Path(run_dir) / "env.json"
-    atomic_write_json(path, environment_info(device))
-    return path
-
-

@@ -313,15 +313,9 @@ def plot_claim(sets: pd.DataFrame, path: Path, baselines: Mapping[str, float] | 
 
 def _json_ready(obj: Any) -> Any:
     """NaN becomes ``null``, numpy scalars plain numbers (strict JSON)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_ready(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return None if math.isnan(float(obj)) else float(obj)
-    return obj
+    from transfer_analysis.files import to_plain
+
+    return to_plain(obj, nan_to_none=True)
 
 
 def _set_rows(out: Path, cfg: Mapping[str, Any], students: pd.DataFrame) -> pd.DataFrame:

@@ -117,7 +117,10 @@ def _merge(defaults: Mapping[str, Any], given: Any, where: str) -> dict[str, Any
 
 
 def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
-    """Fill defaults and check every key of a study config; return the resolved config."""
+    """Fill defaults and check every key of a study config; return the resolved config.
+
+    One function per section (pool, matrix, recommend, students, evaluation), called in that order.
+    """
     if not isinstance(raw, Mapping):
         raise UserError(f"{source}: a study config is a mapping (see experiments/configs/quickstart.yaml)")
     cfg = _merge({k: v for k, v in DEFAULTS.items()}, {k: v for k, v in raw.items()}, source)
@@ -131,7 +134,18 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
     as_int(cfg["batch_size"], f"{source}: batch_size", 1, exact=True)
     as_int(cfg["train_subset"], f"{source}: train_subset", 1, allow_none=True, exact=True)
 
-    # pool: the DESIGN.md schema plus `train:` (a teacher made by this pipeline)
+    names, families = _check_pool_section(cfg, source)
+    _check_matrix_section(cfg, source)
+    k = _check_recommend_section(cfg, source, names)
+    _check_students_section(cfg, source, names, families, k)
+    cfg["training"] = _training_protocol(raw, cfg, source)
+    _check_evaluation_section(cfg, source)
+    _check_student_configs(cfg, source)
+    return cfg
+
+
+def _check_pool_section(cfg: dict[str, Any], source: str) -> tuple[list[str], dict[str, str | None]]:
+    """``pool``: the DESIGN.md schema plus ``train:`` (a teacher made here); the names and families."""
     if not isinstance(cfg["pool"], list) or not cfg["pool"]:
         raise UserError(f"{source}: 'pool' must be a non-empty list of models")
     trains: dict[str, dict[str, Any] | None] = {}
@@ -170,6 +184,11 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
     names = [e.name for e in entries]
     families = {e.name: e.family for e in entries}
 
+    return names, families
+
+
+def _check_matrix_section(cfg: dict[str, Any], source: str) -> None:
+    """``matrix``: sample counts, steps and the attack the matrix stage will build."""
     m = cfg["matrix"]
     as_int(m["n_samples"], f"{source}: matrix.n_samples", 1, exact=True)
     as_int(m["steps"], f"{source}: matrix.steps", 1, exact=True)
@@ -184,6 +203,9 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
     except UserError as err:
         raise UserError(f"{source}: matrix.attack: {err}") from None
 
+
+def _check_recommend_section(cfg: dict[str, Any], source: str, names: list[str]) -> int:
+    """``recommend``: objectives, pair rule and k; returns k."""
     r = cfg["recommend"]
     for key in ("objective", "high_objective"):
         if r[key] not in ("minimax", "mean"):
@@ -194,6 +216,12 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
     if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= len(names):
         raise UserError(f"{source}: recommend.k must be between 2 and the pool size ({len(names)}), got {k!r}")
 
+    return k
+
+
+def _check_students_section(cfg: dict[str, Any], source: str, names: list[str], families: dict[str, str | None],
+                            k: int) -> None:
+    """``students``: architectures, epochs, seeds and every run (a sampled run becomes n_sets runs)."""
     s = cfg["students"]
     archs = s["arch"] if isinstance(s["arch"], list) else [s["arch"]]
     if not archs or not all(isinstance(a, str) and a for a in archs) or len(set(archs)) != len(archs):
@@ -211,70 +239,9 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
         raise UserError(f"{source}: students.eval_samples must be an integer >= 0, got {s['eval_samples']!r}")
     if not isinstance(s["runs"], list) or not s["runs"]:
         raise UserError(f"{source}: students.runs must list at least one {{method, teacher_set}}")
-    runs = []
+    runs: list[dict[str, Any]] = []
     for i, run in enumerate(s["runs"]):
-        where = f"{source}: students.runs #{i + 1}"
-        if not isinstance(run, Mapping):
-            raise UserError(f"{where} must be a mapping with method and teacher_set")
-        _check_keys(run, {"method", "teacher_set", "family", "teachers", "label", "kwargs", "n_sets", "attacks"}, where)
-        method = run.get("method")
-        if method not in _NEEDS:
-            close = difflib.get_close_matches(str(method), list(_NEEDS), n=1)
-            raise UserError(f"{where}: unknown method {method!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                            + f"; choose one of {', '.join(_NEEDS)}")
-        tset = run.get("teacher_set", "none" if _NEEDS[method] == "none" else None)
-        if tset not in TEACHER_SETS:
-            raise UserError(f"{where}: teacher_set must be one of {', '.join(TEACHER_SETS)}, got {tset!r}")
-        if (_NEEDS[method] == "none") != (tset == "none"):
-            raise UserError(f"{where}: method {method} " + ("takes no teachers: use teacher_set: none"
-                            if _NEEDS[method] == "none" else "needs teachers: teacher_set cannot be none"))
-        if _NEEDS[method] == "one" and tset not in ("single", "custom"):
-            raise UserError(f"{where}: method {method} distills from one teacher: use teacher_set: single or custom")
-        if tset == "homogeneous":
-            fam = run.get("family")
-            if fam is None:
-                raise UserError(f"{where}: teacher_set homogeneous needs 'family:' (one of "
-                                f"{', '.join(sorted({f for f in families.values() if f}))})")
-            members = [n for n in names if families[n] == fam]
-            if len(members) < (k if _NEEDS[method] == "set" else 1):
-                raise UserError(f"{where}: family {fam!r} has {len(members)} pool model(s), fewer than k = {k}")
-        if tset == "custom":
-            teachers = run.get("teachers")
-            if not isinstance(teachers, list) or not teachers:
-                raise UserError(f"{where}: teacher_set custom needs 'teachers: [names]'")
-            missing = [t for t in teachers if t not in names]
-            if missing:
-                raise UserError(f"{where}: teachers {', '.join(map(str, missing))} are not in the pool")
-        attacks = run.get("attacks")
-        if attacks is not None:
-            from distill.evaluation import parse_attacks
-
-            if not isinstance(attacks, list) or not attacks:
-                raise UserError(f"{where}: attacks must be a non-empty list (it replaces evaluation.attacks "
-                                "for this run)")
-            try:
-                attacks = parse_attacks(attacks)
-            except UserError as err:
-                raise UserError(f"{where}: attacks: {err}") from None
-        if not isinstance(run.get("kwargs") or {}, Mapping):
-            raise UserError(f"{where}: kwargs must be a mapping of the method's options")
-        base = {"method": method, "teacher_set": tset, "family": run.get("family"),
-                "teachers": run.get("teachers"), "kwargs": dict(run.get("kwargs") or {}), "attacks": attacks,
-                "sample_index": None,
-                "label": run.get("label") or (f"{method}-{tset}" + (f"-{run['family']}" if run.get("family")
-                                                                     and tset == "homogeneous" else ""))}
-        if tset == "sampled":
-            if _NEEDS[method] != "set":
-                raise UserError(f"{where}: teacher_set sampled draws sets of k teachers: only for darht")
-            if any(r_["teacher_set"] == "sampled" for r_ in runs):
-                raise UserError(f"{where}: only one run may use teacher_set sampled (raise its n_sets instead)")
-            n_sets = as_int(run.get("n_sets"), f"{where}: n_sets (how many sets to draw)", 1, exact=True)
-            width = len(str(n_sets))
-            runs += [{**base, "sample_index": j, "label": f"{base['label']}-{j + 1:0{width}d}"} for j in range(n_sets)]
-        else:
-            if run.get("n_sets") is not None:
-                raise UserError(f"{where}: n_sets is for teacher_set sampled only")
-            runs.append(base)
+        runs += _check_student_run(run, f"{source}: students.runs #{i + 1}", names, families, k, runs)
     labels = [r_["label"] for r_ in runs]
     dup = sorted({lab for lab in labels if labels.count(lab) > 1})
     if dup:
@@ -282,8 +249,76 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
     s["runs"] = runs
 
     as_int(s["train_subset"], f"{source}: students.train_subset", 1, allow_none=True, exact=True)
-    cfg["training"] = _training_protocol(raw, cfg, source)
 
+
+def _check_student_run(run: Any, where: str, names: list[str], families: dict[str, str | None], k: int,
+                       runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry of ``students.runs`` (``runs``: those before it), resolved; ``sampled`` gives n_sets runs."""
+    if not isinstance(run, Mapping):
+        raise UserError(f"{where} must be a mapping with method and teacher_set")
+    _check_keys(run, {"method", "teacher_set", "family", "teachers", "label", "kwargs", "n_sets", "attacks"}, where)
+    method = run.get("method")
+    if method not in _NEEDS:
+        close = difflib.get_close_matches(str(method), list(_NEEDS), n=1)
+        raise UserError(f"{where}: unknown method {method!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                        + f"; choose one of {', '.join(_NEEDS)}")
+    tset = run.get("teacher_set", "none" if _NEEDS[method] == "none" else None)
+    if tset not in TEACHER_SETS:
+        raise UserError(f"{where}: teacher_set must be one of {', '.join(TEACHER_SETS)}, got {tset!r}")
+    if (_NEEDS[method] == "none") != (tset == "none"):
+        raise UserError(f"{where}: method {method} " + ("takes no teachers: use teacher_set: none"
+                        if _NEEDS[method] == "none" else "needs teachers: teacher_set cannot be none"))
+    if _NEEDS[method] == "one" and tset not in ("single", "custom"):
+        raise UserError(f"{where}: method {method} distills from one teacher: use teacher_set: single or custom")
+    if tset == "homogeneous":
+        fam = run.get("family")
+        if fam is None:
+            raise UserError(f"{where}: teacher_set homogeneous needs 'family:' (one of "
+                            f"{', '.join(sorted({f for f in families.values() if f}))})")
+        members = [n for n in names if families[n] == fam]
+        if len(members) < (k if _NEEDS[method] == "set" else 1):
+            raise UserError(f"{where}: family {fam!r} has {len(members)} pool model(s), fewer than k = {k}")
+    if tset == "custom":
+        teachers = run.get("teachers")
+        if not isinstance(teachers, list) or not teachers:
+            raise UserError(f"{where}: teacher_set custom needs 'teachers: [names]'")
+        missing = [t for t in teachers if t not in names]
+        if missing:
+            raise UserError(f"{where}: teachers {', '.join(map(str, missing))} are not in the pool")
+    attacks = run.get("attacks")
+    if attacks is not None:
+        from distill.evaluation import parse_attacks
+
+        if not isinstance(attacks, list) or not attacks:
+            raise UserError(f"{where}: attacks must be a non-empty list (it replaces evaluation.attacks "
+                            "for this run)")
+        try:
+            attacks = parse_attacks(attacks)
+        except UserError as err:
+            raise UserError(f"{where}: attacks: {err}") from None
+    if not isinstance(run.get("kwargs") or {}, Mapping):
+        raise UserError(f"{where}: kwargs must be a mapping of the method's options")
+    base = {"method": method, "teacher_set": tset, "family": run.get("family"),
+            "teachers": run.get("teachers"), "kwargs": dict(run.get("kwargs") or {}), "attacks": attacks,
+            "sample_index": None,
+            "label": run.get("label") or (f"{method}-{tset}" + (f"-{run['family']}" if run.get("family")
+                                                                 and tset == "homogeneous" else ""))}
+    if tset == "sampled":
+        if _NEEDS[method] != "set":
+            raise UserError(f"{where}: teacher_set sampled draws sets of k teachers: only for darht")
+        if any(r_["teacher_set"] == "sampled" for r_ in runs):
+            raise UserError(f"{where}: only one run may use teacher_set sampled (raise its n_sets instead)")
+        n_sets = as_int(run.get("n_sets"), f"{where}: n_sets (how many sets to draw)", 1, exact=True)
+        width = len(str(n_sets))
+        return [{**base, "sample_index": j, "label": f"{base['label']}-{j + 1:0{width}d}"} for j in range(n_sets)]
+    else:
+        if run.get("n_sets") is not None:
+            raise UserError(f"{where}: n_sets is for teacher_set sampled only")
+        return [base]
+
+
+def _check_evaluation_section(cfg: dict[str, Any], source: str) -> None:
+    """``evaluation``: sample counts, the attacks and the samples of each."""
     ev = cfg["evaluation"]
     as_int(ev["n_samples"], f"{source}: evaluation.n_samples", 1, exact=True)
     as_int(ev["batch_size"], f"{source}: evaluation.batch_size", 1, exact=True)
@@ -298,8 +333,6 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
         except UserError as err:
             raise UserError(f"{source}: evaluation.attack_samples: {err}") from None
     ev["attack_samples"] = dict(ev["attack_samples"] or {})
-    _check_student_configs(cfg, source)
-    return cfg
 
 
 def _training_protocol(raw: Mapping[str, Any], cfg: dict[str, Any], source: str) -> dict[str, Any] | None:

@@ -64,7 +64,7 @@ def parse_item(text: str) -> tuple[str, Any]:
         i, slash, n = value.partition("/")
         if slash and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n):
             return "matrix", (int(i), int(n))
-    raise UserError(f"--only takes teacher:NAME, matrix:I/N (0 <= I < N), recommend or student:ID, got {text!r}")
+    raise UserError(f"`only` takes teacher:NAME, matrix:I/N (0 <= I < N), recommend or student:ID, got {text!r}")
 
 
 def run_item(config_path: str | Path, out: str | Path, item: str, device: str = "auto", *,
@@ -85,7 +85,7 @@ def run_item(config_path: str | Path, out: str | Path, item: str, device: str = 
     tracking = check_tracking(tracking)
     out = Path(out)
     if not (out / "config.yaml").is_file():
-        raise UserError(f"{out} holds no study run; initialize it with --emit-commands (or run the whole pipeline)")
+        raise UserError(f"{out} holds no study run; initialize it with `emit_commands` (or run the whole pipeline)")
     _check_resume(out, cfg)
     dev = str(resolve_device(device))
     ds = load_dataset(cfg["dataset"], cfg["data_root"])
@@ -103,7 +103,7 @@ def run_item(config_path: str | Path, out: str | Path, item: str, device: str = 
         return
     rec_path = out / "recommendation.json"
     if not rec_path.is_file():
-        raise UserError(f"{rec_path} is missing; run the recommend item first (--only recommend)")
+        raise UserError(f"{rec_path} is missing; run the recommend item first (`only` recommend)")
     rec = json.loads(rec_path.read_text())
     student_ds = train_ds if cfg["students"]["train_subset"] is None else \
         ds.with_train_subset(cfg["students"]["train_subset"], cfg["seed"])

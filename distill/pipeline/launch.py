@@ -46,7 +46,7 @@ def _import_submitit() -> Any:
     try:
         import submitit
     except ImportError as err:
-        raise UserError('--launcher submitit needs the submitit package: pip install -e ".[submitit]"') from err
+        raise UserError('`launcher` submitit needs the submitit package: pip install -e ".[submitit]"') from err
     return submitit
 
 

@@ -234,9 +234,7 @@ def _claim_lines(claim: Mapping[str, Any], out: Path) -> list[str]:
 
 def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], students: pd.DataFrame,
                  command: Sequence[str], claim: Mapping[str, Any] | None = None) -> Path:
-    """Write ``report.md`` (and the PNG/CSV files it shows) into ``out``."""
-    import shlex
-
+    """Write ``report.md`` (and the PNG/CSV files it shows) into ``out``: one function per section."""
     matrix_dir = out / "matrix"
     for name in ("transfer_matrix.csv", "models.csv", "transfer_heatmap.png", "transfer_long.csv"):
         if (matrix_dir / name).is_file():
@@ -251,6 +249,20 @@ def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stud
     plot_robustness_vs_accuracy(students, out / "robustness_vs_accuracy.png", robust_col)
     curves = plot_training_curves({rid: out / "students" / rid for rid in students["id"]}, out / "training_curves.png")
 
+    acc = models.set_index("model") if models is not None else None
+    lines = _intro_lines(cfg, command) + _pool_lines(cfg, acc) + _matrix_lines() + _sets_lines(rec)
+    student_lines, unconverged = _students_lines(cfg, students, summary, curves is not None)
+    lines += student_lines + _findings_lines(summary, students, rec, acc, robust_col, unconverged, claim)
+    if claim is not None:
+        lines += _claim_lines(claim, out)
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def _intro_lines(cfg: Mapping[str, Any], command: Sequence[str]) -> list[str]:
+    import shlex
+
     lines = [f"# Study: {cfg['study']}", ""]
     if cfg.get("description"):
         lines += [str(cfg["description"]).strip(), ""]
@@ -259,10 +271,12 @@ def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stud
               f"matrix, the students and the evaluation; training subset: {cfg['train_subset'] or 'all'} images "
               f"(seeded, class-balanced); seed {cfg['seed']}.", ""]
 
-    # pool
-    lines += ["## Pool", ""]
+    return lines
+
+
+def _pool_lines(cfg: Mapping[str, Any], acc: pd.DataFrame | None) -> list[str]:
+    lines = ["## Pool", ""]
     pool_rows = []
-    acc = models.set_index("model") if models is not None else None
     for spec in cfg["pool"]:
         t = spec.get("train")
         row = {"model": spec["name"], "arch": spec["arch"], "family": spec.get("family") or "-",
@@ -278,17 +292,22 @@ def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stud
               f"Clean and white-box robust accuracy ({m['attack']}, {m['steps']} steps) on the matrix's "
               f"{m['n_samples']} test images.", ""]
 
-    # matrix
-    lines += ["## Transferability", "",
-              "`T[s, t]`: among images both models classify correctly and whose attack fools the source s, the "
-              "fraction that also fools the target t (1 on the diagonal by definition; the heatmap's outlined diagonal is "
-              "each model's white-box success rate). Files: `transfer_matrix.csv`, "
-              "`transfer_long.csv` (with counts and 95% Wilson intervals).", "",
-              "![transferability heatmap](transfer_heatmap.png)", ""]
+    return lines
 
-    # recommendation
+
+def _matrix_lines() -> list[str]:
+    return ["## Transferability", "",
+            "`T[s, t]`: among images both models classify correctly and whose attack fools the source s, the "
+            "fraction that also fools the target t (1 on the diagonal by definition; the heatmap's outlined "
+            "diagonal is each model's white-box success rate). Files: `transfer_matrix.csv`, "
+            "`transfer_long.csv` (with counts and 95% Wilson intervals).", "",
+            "![transferability heatmap](transfer_heatmap.png)", ""]
+
+
+
+def _sets_lines(rec: Mapping[str, Any]) -> list[str]:
     low, high = rec["low-transfer"], rec["high-transfer"]
-    lines += ["## Teacher sets", "",
+    lines = ["## Teacher sets", "",
               f"k = {rec['k']}, pair score = {rec['pair']} of the two directions.", "",
               "| set | teachers | max pair | mean pair | mean robust acc | how |", "|---|---|---|---|---|---|",
               f"| low-transfer | {', '.join(low['sets'][0]['teachers'])} | {_fmt(low['sets'][0]['max_pair'])} | "
@@ -305,11 +324,16 @@ def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stud
                  "highest white-box robust accuracy |")
     lines += ["", "![recommendation graph](recommendation.png)", ""]
 
-    # students
+    return lines
+
+
+def _students_lines(cfg: Mapping[str, Any], students: pd.DataFrame, summary: pd.DataFrame,
+                    curves: bool) -> tuple[list[str], set[str]]:
+    """The students section, and the labels of the students that did not converge."""
     s = cfg["students"]
     ev = cfg["evaluation"]
     per_run_attacks = sorted({a for r_ in s["runs"] for a in (r_.get("attacks") or [])})
-    lines += ["## Students", "",
+    lines = ["## Students", "",
               f"All students: `{' / '.join(s['archs'])}` {s['kwargs'] or ''}, the same data"
               + (f" ({s['train_subset']} seeded class-balanced training images)" if s["train_subset"] else "")
               + f"; seeds {s['seeds']}. The reported model is the last epoch's (no selection on "
@@ -346,11 +370,17 @@ def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stud
         table.append(r)
     lines += [_table(pd.DataFrame(table)), "", "Per seed: `students.csv`.", "",
               "![robustness vs accuracy](robustness_vs_accuracy.png)", ""]
-    if curves is not None:
+    if curves:
         lines += ["![training curves](training_curves.png)", ""]
 
-    # what the numbers show
-    lines += ["## What the numbers show", ""]
+    return lines, unconverged
+
+
+def _findings_lines(summary: pd.DataFrame, students: pd.DataFrame, rec: Mapping[str, Any], acc: pd.DataFrame | None,
+                    robust_col: str, unconverged: set[str], claim: Mapping[str, Any] | None) -> list[str]:
+    """What the numbers show: the sets' scores, weak models, each comparison, the claim, masking flags."""
+    low, high = rec["low-transfer"], rec["high-transfer"]
+    lines = ["## What the numbers show", ""]
     labels = list(summary["label"])
     statements = []
     ls, hs = low["sets"][0], high["sets"][0]
@@ -398,8 +428,4 @@ def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stud
         for r in flagged.itertuples():
             lines.append(f"- {r.label} seed {r.seed}: {r.flags}")
     lines.append("")
-    if claim is not None:
-        lines += _claim_lines(claim, out)
-    path = out / "report.md"
-    atomic_write_text(path, "\n".join(lines))
-    return path
+    return lines

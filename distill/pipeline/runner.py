@@ -29,8 +29,7 @@ from typing import Any
 
 import yaml
 
-from distill.pipeline.config import (describe_plan, load_study_config, student_runs, student_train_config,
-                                     with_overrides)
+from distill.pipeline.config import describe_plan, load_study_config, student_runs, student_train_config, with_overrides
 from distill.tracking import check_tracking
 from transfer_analysis.errors import UserError
 from transfer_analysis.utils import (
@@ -94,7 +93,7 @@ def _check_resume(out: Path, cfg: Mapping[str, Any]) -> None:
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed:
         raise UserError(f"{out} was started with a different config (changed: {', '.join(changed)}); "
-                        "use a new --out, or --force to start over")
+                        "use a new `out`, or `force` to start over")
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +120,7 @@ def _stage_pool(cfg: Mapping[str, Any], out: Path, train_ds: Any, device: str, *
                 _status("pool", f"{spec['name']}: trained earlier ({weights})")
             elif not train_missing:
                 raise UserError(f"teacher {spec['name']!r} is not trained yet ({weights} missing); run its "
-                                f"stage first: --only teacher:{spec['name']}")
+                                f"stage first: `only` teacher:{spec['name']}")
             else:
                 _status("pool", f"{spec['name']}: training {spec['arch']} with {train['method']} for "
                         f"{train['epochs']} epochs ({i + 1}/{len(cfg['pool'])})")
@@ -181,8 +180,13 @@ def eval_fraction(value: Any) -> float:
 
 
 def _stage_recommend(cfg: Mapping[str, Any], out: Path, matrix_dir: Path) -> dict[str, Any]:
-    from transfer_analysis.selection import (read_matrix, select_teachers, select_teachers_by_family,
-                                             transfer_graph, write_recommendation)
+    from transfer_analysis.selection import (
+        read_matrix,
+        select_teachers,
+        select_teachers_by_family,
+        transfer_graph,
+        write_recommendation,
+    )
 
     r = cfg["recommend"]
     matrix, models = read_matrix(matrix_dir)
@@ -248,10 +252,9 @@ def _teachers_for(run: Mapping[str, Any], rec: Mapping[str, Any]) -> list[str]:
 def _stage_students(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Mapping[str, Any], train_ds: Any,
                     device: str, only: str | None = None,
                     tracking: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    from distill.pipeline.claim import convergence, student_protocol
     from distill.trainer import train
     from transfer_analysis.pool import load_pool
-
-    from distill.pipeline.claim import convergence, student_protocol
 
     runs = student_runs(cfg)
     if only is not None:
@@ -355,14 +358,9 @@ def start_run(cfg: Mapping[str, Any], out: Path, *, resume: bool, force: bool, d
     ``--force``, load the dataset before anything is written, write ``config.yaml``, ``env.json`` and
     ``command.txt``. Returns ``(device, dataset, argv)``."""
     from transfer_analysis.data import load_dataset
-    from transfer_analysis.rundir import check_output_path
+    from transfer_analysis.rundir import check_run_dir
 
-    check_output_path(out)
-    if resume and force:
-        raise UserError("--resume continues a run and --force replaces it; give one of them")
-    if resume and not (out / "config.yaml").is_file():
-        raise UserError(f"nothing to resume in {out}: it holds no study run (no config.yaml); drop --resume to "
-                        "start one")
+    check_run_dir(out, resume=resume, force=force, what="study run")
     dev = resolve_device(device)
     ds = load_dataset(cfg["dataset"], cfg["data_root"])  # before anything is written: a bad dataset leaves no dir
     if resume:
