@@ -179,8 +179,8 @@ def protocol_lines(students: pd.DataFrame) -> list[str]:
             diff = ", ".join(f"{c} {_pfmt(r[c])} (not {_pfmt(ref[c])})" for c in cols if str(r[c]) != str(ref[c]))
             lines.append(f"- {r['id']}: {diff}")
     else:
-        lines.append(f"Every one of the {len(students)} students ran exactly this protocol (read back from each "
-                     "run's `config.yaml`).")
+        who = "The one student" if len(students) == 1 else f"Every one of the {len(students)} students"
+        lines.append(f"{who} ran exactly this protocol (read back from each run's `config.yaml`).")
     if "kl_reduction" in students.columns:
         kl = {m: sorted({str(v) for v in g["kl_reduction"] if str(v) not in ("", "nan", "None")})
               for m, g in students.groupby("method")}
@@ -202,14 +202,16 @@ def _claim_lines(claim: Mapping[str, Any], out: Path) -> list[str]:
              f"Over {claim['n_sets']} teacher sets ({claim['n_students']} converged DARHT students; per-set means "
              f"over seeds). Bootstrap: {claim['bootstrap']['resamples']} resamples of the sets, percentile 95% CI. "
              "The claim predicts a negative rho. `partial_*`: controlling for the set's mean teacher white-box "
-             "robust accuracy. Files: `claim.json`, `set_study.csv` (one row per student), `claim_sets.csv`.", "",
-             "| test | rho | 95% CI | p | sets |", "|---|---|---|---|---|"]
+             "robust accuracy. Files: `claim.json`, `set_study.csv` (one row per student), `claim_sets.csv`."]
+    rows = []
     for key, v in claim.items():
         if isinstance(v, Mapping) and "rho" in v:
             rho = f"{v['rho']:+.2f}" if _known(v["rho"]) else "-"
             ci = f"{v['ci_low']:+.2f} to {v['ci_high']:+.2f}" if _known(v["ci_low"]) else "-"
             p_value = f"{v['p_value']:.3f}" if _known(v["p_value"]) else "-"
-            lines.append(f"| {key} | {rho} | {ci} | {p_value} | {v['n_sets']} |")
+            rows.append(f"| {key} | {rho} | {ci} | {p_value} | {v['n_sets']} |")
+    if rows:  # no header over an empty table (a study without enough sets to test)
+        lines += ["", "| test | rho | 95% CI | p | sets |", "|---|---|---|---|---|", *rows]
     if claim["not_converged"]:
         lines += ["", "Left out as not converged (" + claim["convergence_rule"] + "): "
                   + ", ".join(claim["not_converged"]) + "."]
