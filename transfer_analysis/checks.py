@@ -21,7 +21,7 @@ from typing import Any
 
 from transfer_analysis.errors import UserError
 
-__all__ = ["as_int", "as_number", "as_bool", "ema_decay"]
+__all__ = ["as_int", "as_number", "as_fraction", "as_bool", "ema_decay"]
 
 
 def as_int(value: Any, name: str, minimum: int = 0, *, allow_none: bool = False, exact: bool = False) -> Any:
@@ -37,15 +37,28 @@ def as_int(value: Any, name: str, minimum: int = 0, *, allow_none: bool = False,
     return int(value)
 
 
-def as_number(value: Any, name: str, minimum: float = 0.0, *, strict: bool = False) -> float:
-    """``value`` as a finite float ``>= minimum`` (``> minimum`` if ``strict``); ``"a/b"`` strings are read."""
-    if isinstance(value, str):
+def as_number(value: Any, name: str, minimum: float = 0.0, *, strict: bool = False, text: bool = True) -> float:
+    """``value`` as a finite float ``>= minimum`` (``> minimum`` if ``strict``); ``"a/b"`` strings are
+    read unless ``text=False`` (then only numbers pass)."""
+    if isinstance(value, str) and text:
         from transfer_analysis.utils import parse_eps
 
         value = parse_eps(value, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value < minimum or (strict and value <= minimum):
         raise UserError(f"{name} must be a number {'>' if strict else '>='} {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def as_fraction(value: Any, name: str) -> float:
+    """``value`` as a number in [0, 1] (a weight such as KD's α); strings are refused.
+
+    Example:
+        >>> as_fraction(0.9, "kd_weight")
+        0.9
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise UserError(f"{name} must be a number in [0, 1], got {value!r}")
     return float(value)
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from transfer_analysis.attacks import default_step_size, pgd_attack
+from transfer_analysis.checks import as_fraction, as_number
 from transfer_analysis.errors import UserError
 from transfer_analysis.utils import parse_eps
 
@@ -255,14 +256,12 @@ def check_reduction(method: Method, value: str) -> None:
 
 
 def check_positive(method: Method, **values: float) -> None:
-    """Validate that numeric options are > 0."""
+    """Validate that numeric options are > 0 (:func:`transfer_analysis.checks.as_number`)."""
     for key, value in values.items():
-        method._require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
-                        f"{key} must be a number > 0, got {value!r}")
+        as_number(value, f"method {method.name!r}: {key}", strict=True, text=False)
 
 
 def check_fraction(method: Method, **values: float) -> None:
-    """Validate that numeric options lie in [0, 1]."""
+    """Validate that numeric options lie in [0, 1] (:func:`transfer_analysis.checks.as_fraction`)."""
     for key, value in values.items():
-        method._require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1,
-                        f"{key} must be a number in [0, 1], got {value!r}")
+        as_fraction(value, f"method {method.name!r}: {key}")
