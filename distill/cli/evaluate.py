@@ -206,7 +206,6 @@ def _write_outputs(args: argparse.Namespace, out: Path, metrics: dict[str, Any],
     metrics["settings"].update({
         "model": described, "arch": args.arch, "pool": args.pool, "dataset": args.dataset, "split": "test",
         "n_samples": int(len(indices)), "indices_file": indices_path.name,
-        "processes": metrics["settings"].pop("processes"),
     })
     save_indices(indices_path, indices, dataset=args.dataset, split="test", seed=args.seed)
     atomic_write_json(out, metrics)

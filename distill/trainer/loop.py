@@ -286,8 +286,9 @@ def _train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool, force: boo
                 logger.info("stopped after epoch %d of %d; continue with `resume`", len(s.history), cfg.epochs)
                 s.tracker.close()
                 return TrainResult(s.run_dir, s.student, s.history, None, False, cfg)
+            started = time.perf_counter()
             row = train_one_epoch(s, epoch)
-            _end_epoch(s, epoch, row)
+            _end_epoch(s, epoch, row, started)
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, row)
     return _finish(s)
@@ -396,9 +397,8 @@ def _resolved_config(cfg: TrainConfig, method: Method, student: Student, teacher
 
 def train_one_epoch(s: _Session, epoch: int) -> dict[str, float]:
     """One epoch of ``s.method`` over the training set; returns its ``summary.csv`` row (without the
-    per-epoch test accuracies, which :func:`_end_epoch` adds)."""
+    per-epoch test accuracies and the epoch time, which :func:`_end_epoch` adds)."""
     cfg, student, world, rank = s.cfg, s.student, dist_utils.world_size(), dist_utils.rank()
-    t0 = time.perf_counter()
     lr_now = float(s.optimizer.param_groups[0]["lr"])
     s.method.on_epoch_start(epoch, cfg.epochs, lr_now, cfg.lr)
     student.train()
@@ -437,7 +437,7 @@ def train_one_epoch(s: _Session, epoch: int) -> dict[str, float]:
         sums, loss_sum, correct, seen = _all_reduce_sums(sums, loss_sum, correct, seen)
     row: dict[str, float] = {"epoch": epoch + 1, "lr": lr_now, "loss": loss_sum / seen}
     row.update({key: float(total) / seen for key, total in sums.items()})
-    row.update({"train_acc": correct / seen, "epoch_time_s": time.perf_counter() - t0})
+    row["train_acc"] = correct / seen
     return row
 
 
@@ -456,15 +456,14 @@ def _checked_loss(s: _Session, parts: Mapping[str, torch.Tensor], epoch: int, ba
                          "`force` (a resume keeps the run's settings)")
 
 
-def _end_epoch(s: _Session, epoch: int, row: dict[str, float]) -> None:
-    """Test accuracies of the reported model, then the checkpoint, ``summary.csv``, the log and the tracker."""
-    epoch_time = row.pop("epoch_time_s")
-    t0 = time.perf_counter()
+def _end_epoch(s: _Session, epoch: int, row: dict[str, float], started: float) -> None:
+    """Test accuracies of the reported model and the epoch's time (training and this evaluation,
+    since ``started``), then the checkpoint, ``summary.csv``, the log and the tracker."""
     reported = s.student if s.ema is None else s.ema.module  # with --ema the average is the reported model
     clean_acc, pgd_acc = _evaluate_epoch(reported, s.x_eval, s.y_eval, s.cfg, s.device, epoch) if s.main else \
         (float("nan"), float("nan"))
     row.update({"test_clean_acc": clean_acc, "test_pgd_acc": pgd_acc,
-                "epoch_time_s": epoch_time + time.perf_counter() - t0})
+                "epoch_time_s": time.perf_counter() - started})
     s.history.append(row)
     ckpt = checkpoint_state(epoch + 1, s.student, s.optimizer, s.scheduler, s.generator, s.method, s.history, s.ema)
     if s.main:  # the checkpoint first: summary.csv never lists an epoch the checkpoint lacks

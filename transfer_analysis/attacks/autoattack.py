@@ -96,6 +96,8 @@ def autoattack_config_for(name: str, override: AutoAttackConfig | None = None,
     if name == "autoattack-rand" and eot_iter is not None:
         cfg = replace(cfg, eot_iter=int(eot_iter))
     return cfg
+
+
 _AA_COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr")
 
 

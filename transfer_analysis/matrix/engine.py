@@ -187,7 +187,7 @@ def transfer_matrix(pool: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
     reserve = 2 * x.numel() * x.element_size()
     run = _Run(pool=pool, names=names, fps=fps, cfg=cfg, x=x, y=y, x_dev=x.to(dev), y_dev=y.to(dev),
                batch_size=batch_size, device=dev, seed=seed, dataset=dataset,
-               dkey=data_key(x, y, dataset, indices), cache=MatrixCache(cache_dir, background=True),
+               dkey=data_key(x, y, dataset, indices), akey=cfg.key(), cache=MatrixCache(cache_dir, background=True),
                placement=_Placement(pool, dev, max_resident_bytes if max_resident_bytes is not None
                                     else _default_budget(dev, reserve)))
     logger.info("transfer matrix: %d models, %d images, %s, cache %s", len(names), len(y), cfg.describe(),
@@ -259,6 +259,7 @@ class _Run:
     seed: int
     dataset: str | None
     dkey: str
+    akey: str
     cache: MatrixCache
     placement: _Placement
     clean: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -283,7 +284,7 @@ class _Run:
         the cache lacks them), each target evaluated once per fingerprint."""
         t0 = time.perf_counter()
         n, fp_s = len(self.y), self.fps[i]
-        skey = MatrixCache.source_key(fp_s, self.cfg.key(), self.dkey, self.seed)
+        skey = MatrixCache.source_key(fp_s, self.akey, self.dkey, self.seed)
         meta = {"source": s, "fingerprint": fp_s, "attack": self.cfg.to_dict(), "dataset": self.dataset,
                 "seed": self.seed}
         preds = self.cache.load_preds(skey, n)

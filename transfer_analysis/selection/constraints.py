@@ -107,14 +107,13 @@ class SelectionRequest:
         return _names_list(self.exclude)
 
 
-_FIELDS = None
+#: the request's fields, in order (k first): the options the entry points take
+_FIELDS = [f.name for f in fields(SelectionRequest)]
 
 
 def request_from(k: int | SelectionRequest, options: Mapping[str, Any], caller: str) -> SelectionRequest:
     """The :class:`SelectionRequest` of an entry point's arguments: ``k`` and keyword options
     (the request's fields), or a request (the options then replace its fields)."""
-    global _FIELDS
-    _FIELDS = _FIELDS or [f.name for f in fields(SelectionRequest)]
     unknown = [name for name in options if name not in _FIELDS or name == "k"]
     if unknown:
         raise TypeError(f"{caller}() got unexpected option(s) {', '.join(map(repr, unknown))}; "
@@ -184,8 +183,9 @@ def prepare(matrix: pd.DataFrame | str | os.PathLike, req: SelectionRequest,
     pool = _build_pool(m, req, models)
     names = pool.names
     req_names, exc_names = req.required_names(), req.excluded_names()
+    known = set(names)
     for what, lst in (("require", req_names), ("exclude", exc_names)):
-        unknown = [x for x in lst if x not in set(names)]
+        unknown = [x for x in lst if x not in known]
         if unknown:
             raise UserError(f"`{what}`: unknown model(s) {', '.join(unknown)}; the matrix has "
                             f"{', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
