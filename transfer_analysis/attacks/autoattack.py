@@ -116,8 +116,9 @@ def build_autoattack(model: nn.Module, eps: float, n_classes: int,
         >>> [(name, getattr(a, "steps", None)) for name, a in comps]
         [('apgd-ce', 100), ('apgd-t', 100), ('fab-t', 100), ('square', None)]
     """
-    import torchattacks
+    from .registry import _ta
 
+    torchattacks = _ta()
     unknown = [c for c in config.components if c not in _AA_COMPONENTS]
     if unknown:
         raise ValueError(f"unknown AutoAttack component(s) {unknown}; use {', '.join(_AA_COMPONENTS)}")

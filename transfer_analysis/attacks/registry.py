@@ -174,9 +174,17 @@ def list_attacks(include_torchattacks: bool = False) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # built-ins
 # --------------------------------------------------------------------------------------------
-def _ta():
-    import torchattacks
+#: how torchattacks is installed: without its dependencies (every release pins requests~=2.25.1)
+TORCHATTACKS_INSTALL = 'pip install --no-deps "torchattacks==3.5.1"'
 
+
+def _ta():
+    """The torchattacks module, or one line saying how to install it."""
+    try:
+        import torchattacks
+    except ImportError as err:
+        raise UserError(f"torchattacks is not installed; {TORCHATTACKS_INSTALL} (without its dependencies: its "
+                        "requests~=2.25.1 pin would downgrade requests)") from err
     return torchattacks
 
 
