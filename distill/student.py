@@ -8,7 +8,7 @@ the second layer turns the whole map into the student's final logits. A baseline
 
 Like every model of the toolkit, a student takes images in [0, 1] at the dataset's resolution:
 resizing (optional) and normalization happen inside ``forward``, through the pool's
-:class:`~transfer_analysis.pool.PixelSpaceModel` wrapper around the backbone.
+:class:`~transfer_analysis.models.PixelSpaceModel` wrapper around the backbone.
 
 Example:
     >>> import torch
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from transfer_analysis.errors import UserError
-from transfer_analysis.pool import PixelSpaceModel, apply_state_dict, create_timm_model, load_state_dict_file
+from transfer_analysis.models import PixelSpaceModel, apply_state_dict, create_timm_model, load_state_dict_file
 
 __all__ = [
     "StudentTeacherFeatureMap",

@@ -10,7 +10,7 @@ interrupted teacher resumes with ``resume=True``.
 Example:
     >>> import tempfile, pathlib
     >>> from transfer_analysis.data import make_synthetic
-    >>> from transfer_analysis.pool import load_pool
+    >>> from transfer_analysis.models import load_pool
     >>> data = make_synthetic(num_classes=3, in_chans=1, image_size=8, n_train=64, n_test=30)
     >>> out = pathlib.Path(tempfile.mkdtemp()) / "t.safetensors"
     >>> entry = train_teacher("resnet18_cifar", data, out, model_kwargs={"width": 4}, epochs=1, batch_size=32,
@@ -33,7 +33,7 @@ from typing import Any
 
 from transfer_analysis.data import ImageDataset
 from transfer_analysis.errors import UserError
-from transfer_analysis.pool import PoolEntry
+from transfer_analysis.models import PoolEntry
 from transfer_analysis.utils import atomic_save_safetensors, atomic_write_text
 
 from .methods import canonical_method_name
@@ -117,7 +117,7 @@ def train_teacher(arch: str, dataset: str | ImageDataset, out: str | os.PathLike
             ``lr_schedule``, ``eval_samples``, ``amp``...).
 
     Returns:
-        The :class:`~transfer_analysis.pool.PoolEntry` written to ``W.yaml``.
+        The :class:`~transfer_analysis.models.PoolEntry` written to ``W.yaml``.
 
     Example: see the module docstring.
     """

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-import transfer_analysis.archs  # noqa: F401
+import transfer_analysis.models.archs  # noqa: F401
 
 
 @pytest.mark.parametrize("name", ["resnet18_cifar", "preactresnet18_cifar", "mobilenetv2_cifar",

@@ -13,7 +13,7 @@ import yaml
 from conftest import TINY_CNN, TINY_VIT
 from distill.cli import main
 from distill.student import load_student
-from transfer_analysis.pool import load_pool
+from transfer_analysis.models import load_pool
 
 DATA = "synthetic:num_classes=4,in_chans=1,image_size=8,n_train=64,n_test=32"
 FAST = ["--device", "cpu", "--batch-size", "32", "--eval-samples", "8", "--final-eval-samples", "8"]

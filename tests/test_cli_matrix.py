@@ -40,7 +40,9 @@ def test_writes_the_four_files(pool_file, tmp_path):
     tr = long[long.metric == "transfer_rate"].pivot(index="source", columns="target", values="value")
     assert (tr.loc[mat.source, mat.columns[1:]].to_numpy() == mat.iloc[:, 1:].to_numpy())[tr.notna().to_numpy()].all()
     models = pd.read_csv(out / "models.csv")
-    assert list(models.columns) == ["model", "clean_acc", "whitebox_robust_acc", "params", "family", "arch"]
+    assert list(models.columns) == ["model", "clean_acc", "whitebox_robust_acc", "params", "family", "arch", "weights",
+                                    "new_head"]
+    assert set(models["weights"]) == {"random"} and not models["new_head"].any()  # never mistaken for a result
     assert models.family.tolist() == ["cnn", "cnn", "vit"]
     assert models.clean_acc.between(0, 1).all() and models.whitebox_robust_acc.between(0, 1).all()
     assert (out / "transfer_heatmap.png").read_bytes()[:4] == b"\x89PNG"
@@ -108,7 +110,7 @@ def test_class_count_mismatch_is_a_user_error(write_pool, tmp_path, capsys):
     import timm
     from safetensors.torch import save_file
 
-    import transfer_analysis.archs  # noqa: F401
+    import transfer_analysis.models.archs  # noqa: F401
 
     ten = timm.create_model(TINY_CNN["arch"], num_classes=10, in_chans=1, **TINY_CNN["kwargs"])
     save_file(ten.state_dict(), str(tmp_path / "ten.safetensors"))

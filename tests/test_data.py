@@ -163,7 +163,7 @@ def test_fashion_mnist_from_debian_package(tmp_path):
 
 
 def test_missing_datasets_say_where_to_put_files(tmp_path, monkeypatch):
-    import transfer_analysis.dataset_files as files  # where the Fashion-MNIST reader looks
+    import transfer_analysis.data.files as files  # where the Fashion-MNIST reader looks
 
     monkeypatch.setattr(files, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
     with pytest.raises(UserError, match="dataset-fashion-mnist"):

@@ -196,7 +196,7 @@ def test_evaluate_with_two_processes_matches_one(tmp_path: Path) -> None:
 
     from safetensors.torch import save_file
 
-    from transfer_analysis.pool import create_timm_model
+    from transfer_analysis.models import create_timm_model
 
     torch.manual_seed(0)
     net = create_timm_model("resnet18_cifar", num_classes=4, in_chans=1, width=4)

@@ -28,7 +28,7 @@ CPU = ["--device", "cpu"]
 def _weights(path: Path, width: int = 4) -> Path:
     from safetensors.torch import save_file
 
-    from transfer_analysis.pool import create_timm_model
+    from transfer_analysis.models import create_timm_model
 
     net = create_timm_model("resnet18_cifar", num_classes=4, in_chans=1, width=width)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
@@ -292,7 +292,7 @@ def test_student_kwargs_may_repeat_what_the_data_implies(tmp_path, monkeypatch):
 def test_relative_checkpoint_in_a_study_pool_is_found(tmp_path):
     from distill.pipeline.config import load_study_config
     from distill.pipeline.runner import _stage_pool
-    from transfer_analysis.pool import read_pool_config
+    from transfer_analysis.models import read_pool_config
 
     (tmp_path / "teachers").mkdir()
     (tmp_path / "configs").mkdir()

@@ -24,7 +24,7 @@ from transfer_analysis.attacks import AttackConfig
 from transfer_analysis.errors import UserError
 from transfer_analysis.matrix import (_Placement, save_matrix_outputs, source_seed, transfer_matrix,
                                       wilson_interval)
-from transfer_analysis.pool import PixelSpaceModel, model_fingerprint
+from transfer_analysis.models import PixelSpaceModel, model_fingerprint
 
 EPS = 0.15
 STEPS = 3

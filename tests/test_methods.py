@@ -12,7 +12,7 @@ from distill.losses import kl_divergence
 from distill.methods import FrozenTeachers, create_method, get_method_class, list_methods
 from distill.student import build_student
 from transfer_analysis.errors import UserError
-from transfer_analysis.pool import PixelSpaceModel, create_timm_model
+from transfer_analysis.models import PixelSpaceModel, create_timm_model
 
 ALL = ["ard", "darht", "fast-at", "kd", "mtard", "pgd-at", "rslad", "standard", "trades"]
 

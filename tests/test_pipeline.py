@@ -167,7 +167,7 @@ def test_teachers_with_the_same_settings_get_their_own_seeds(tmp_path, monkeypat
     """Two pool entries that differ only in name must not train to the same weights."""
     import distill.teachers
     from distill.pipeline.runner import _stage_pool
-    from transfer_analysis.pool import init_seed_for
+    from transfer_analysis.models import init_seed_for
 
     seeds, sizes = {}, {}
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from conftest import TINY_CNN, TINY_VIT
 from transfer_analysis import load_pool
 from transfer_analysis.errors import UserError
-from transfer_analysis.pool import model_fingerprint
+from transfer_analysis.models import model_fingerprint
 
 
 def _cnn(**kw):
@@ -102,7 +102,7 @@ def test_code_running_pickle_is_refused_unless_trusted(tmp_path, write_pool):
     ([{"name": "a", **TINY_CNN, "chekpoint": "x"}], "did you mean 'checkpoint'"),
     ([{"name": "a", **TINY_CNN, "checkpoint": "missing.safetensors"}], "checkpoint not found"),
     ([{"name": "a", **TINY_CNN, "kwargs": {"width": 4, "num_classes": 9}}], "kwargs sets num_classes=9 but the data has num_classes=4"),
-    ([{"name": "a", **TINY_CNN, "mean": [0.1, 0.2, 0.3, 0.4], "std": [1, 1, 1, 1]}], "one value per channel"),
+    ([{"name": "a", **TINY_CNN, "mean": [0.1, 0.2, 0.3, 0.4], "std": [1, 1, 1, 1]}], "mean has 4 values but the model takes 1-channel images"),
     ([{"arch": "resnet18_cifar"}], "non-empty string 'name'"),
 ])
 def test_pool_errors(write_pool, entries, match):
@@ -132,19 +132,25 @@ def test_pretrained_from_local_file(tmp_path, write_pool):
     torch.manual_seed(2)
     ref = timm.create_model("resnet10t").eval()  # the pretrained config's own shape: 3 channels, 1000 classes
     save_file(ref.state_dict(), tmp_path / "r10.safetensors")
-    path = write_pool([{"name": "r", "arch": "resnet10t", "pretrained": True,
+    path = write_pool([{"name": "r", "arch": "resnet10t", "pretrained": True, "input_size": 32,
                         "pretrained_file": "r10.safetensors", "mean": [0.0], "std": [1.0]}])
     model = load_pool(path, num_classes=1000, in_chans=3, image_size=32)["r"]
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x))
-    # a different class count keeps the pretrained backbone and gets a new head (timm's rule)
-    four = load_pool(path, num_classes=4, in_chans=3, image_size=32)["r"]
+    assert model.weights == "pretrained" and not model.new_head
+    # a different class count is refused, unless the entry asks for a new head
+    with pytest.raises(UserError, match="pretrained head has 1000 classes but the data has 4; set num_classes: 4"):
+        load_pool(path, num_classes=4, in_chans=3, image_size=32)
+    asked = write_pool([{"name": "r", "arch": "resnet10t", "pretrained": True, "input_size": 32, "num_classes": 4,
+                         "pretrained_file": "r10.safetensors", "mean": [0.0], "std": [1.0]}], name="p4.yaml")
+    four = load_pool(asked, num_classes=4, in_chans=3, image_size=32)["r"]
     assert torch.equal(four.model.conv1[0].weight, ref.conv1[0].weight) and four(x).shape == (2, 4)
+    assert four.new_head and four.weights == "pretrained"
     missing = write_pool([{"name": "r", "arch": "resnet10t", "pretrained": True, "pretrained_file": "nope.pth"}],
                          name="p2.yaml")
     with pytest.raises(UserError, match="pretrained_file not found"):
-        load_pool(missing, 4, 1, 32)
+        load_pool(missing, 1000, 1, 32)
 
 
 def test_fingerprint_follows_weights_not_names():

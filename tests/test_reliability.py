@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _tiny_weights(path: Path, width: int = 4, num_classes: int = 4) -> Path:
     from safetensors.torch import save_file
 
-    from transfer_analysis.pool import create_timm_model
+    from transfer_analysis.models import create_timm_model
 
     net = create_timm_model("resnet18_cifar", num_classes=num_classes, in_chans=1, width=width)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
@@ -239,7 +239,7 @@ def test_half_written_cache_entry_is_never_read_back(tmp_path):
 
 
 def test_untrusted_pickle_is_refused_and_trust_is_per_model(files, tmp_path):
-    from transfer_analysis.pool import load_state_dict_file
+    from transfer_analysis.models import load_state_dict_file
 
     with pytest.raises(UserError, match="trust"):
         load_state_dict_file(files["evil"])

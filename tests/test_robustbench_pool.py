@@ -17,7 +17,7 @@ from torch import nn
 
 from transfer_analysis import load_pool
 from transfer_analysis.errors import UserError
-from transfer_analysis.robustbench_zoo import checkpoint_path
+from transfer_analysis.models.sources import robustbench_checkpoint_path as checkpoint_path
 
 
 class _Normalized(nn.Module):
@@ -106,7 +106,7 @@ def test_real_zoo_architecture(tmp_path):
 
     if importlib.util.find_spec("robustbench") is None or importlib.util.find_spec("geotorch") is None:
         pytest.skip("RobustBench is not installed (pip install --no-deps robustbench==1.1.1 geotorch torchdiffeq)")
-    from transfer_analysis.robustbench_zoo import build_zoo_model
+    from transfer_analysis.models.sources import build_zoo_model
 
     spec = {"name": "Ding2020MMA", "dataset": "cifar10", "threat_model": "Linf", "model_dir": str(tmp_path)}
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ from distill.student import load_student
 from distill.trainer import NumericalFault, TrainConfig, lr_factor, resolve_config, train
 from transfer_analysis.data import Augment, make_synthetic
 from transfer_analysis.errors import UserError
-from transfer_analysis.pool import PixelSpaceModel, create_timm_model
+from transfer_analysis.models import PixelSpaceModel, create_timm_model
 from transfer_analysis.utils import safe_torch_load
 
 

@@ -25,7 +25,8 @@ from torch import nn
 
 from .errors import UserError
 
-__all__ = ["resolve_device", "seed_everything", "seeded", "rng_state", "set_rng_state", "model_device", "eval_mode"]
+__all__ = ["resolve_device", "seed_everything", "seeded", "rng_state", "set_rng_state", "model_device", "eval_mode",
+           "peak_memory", "available_memory"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,3 +156,46 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak memory so far: ``{"peak_memory_mb", "peak_memory_kind"}``.
+
+    On CUDA the most memory tensors held on ``device`` since the last reset (the trainer resets
+    it when training starts, so it covers training and the final evaluation); elsewhere the
+    process's peak resident set size (data and everything else included; Linux and macOS).
+
+    Example:
+        >>> peak_memory(torch.device("cpu"))["peak_memory_kind"]
+        'process peak RSS'
+    """
+    if device.type == "cuda":
+        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+                "peak_memory_kind": "cuda max allocated"}
+    try:
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        mb = rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+    except (ImportError, OSError):  # Windows
+        mb = float("nan")
+    return {"peak_memory_mb": round(mb, 1), "peak_memory_kind": "process peak RSS"}
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``; ``None`` elsewhere).
+
+    Example:
+        >>> m = available_memory()
+        >>> m is None or m > 0
+        True
+    """
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

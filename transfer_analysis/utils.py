@@ -147,14 +147,16 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.
 
 
 def safe_torch_load(path: str | os.PathLike, trust: bool = False, what: str = "checkpoint",
-                    trust_hint: str | None = "trust_checkpoint: true in the pool entry, or `trust_checkpoint`"
-                    ) -> Any:
+                    trust_hint: str | None = "trust_checkpoint: true in the pool entry, or `trust_checkpoint`",
+                    safe_types: tuple[type, ...] = ()) -> Any:
     """Load a torch file with ``weights_only=True``; unpickling arbitrary objects needs ``trust``.
 
     A file that is not a torch file at all (or is truncated) is a :class:`UserError` saying so; a
     torch file that can only be read by running pickled code is refused unless ``trust`` is true
     (the user's explicit opt-in for that one file; ``trust_hint`` says how to give it, ``None``
-    where the caller offers no opt-in).
+    where the caller offers no opt-in). ``safe_types`` are classes allowed in a weights-only load
+    because building them runs no code of the file's choosing (``argparse.Namespace`` in timm's
+    ``train.py`` checkpoints).
     """
     import pickle
     import zipfile
@@ -168,7 +170,8 @@ def safe_torch_load(path: str | os.PathLike, trust: bool = False, what: str = "c
     if not zipfile.is_zipfile(path) and head[:1] != b"\x80":
         raise UserError(f"{what} {path} is truncated or not a torch file (no zip archive inside); re-create it")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(safe_types)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as err:
         text = str(err)
         if "weights_only" not in text and "Unsupported" not in text and "global" not in text.lower():

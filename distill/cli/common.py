@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 from typing import Any
 
 from transfer_analysis.errors import UserError
@@ -20,12 +22,36 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 def add_data_arguments(p: argparse.ArgumentParser, n_samples: int | None = None) -> None:
     """``--dataset``, ``--data-root``, ``--no-download`` and optionally ``--n-samples``."""
     p.add_argument("--dataset", required=True,
-                   help="cifar10, cifar100, tiny-imagenet, fashion-mnist, synthetic[:k=v,...] or a .npz path")
+                   help="cifar10, cifar100, tiny-imagenet, fashion-mnist, synthetic[:k=v,...], imagefolder:DIR, "
+                        "imagenet:DIR (class sub-folders; options after ?, e.g. imagenet:DIR?size=224) or a .npz path")
     p.add_argument("--data-root", default=None, help="where named datasets live (default ~/.cache/darht/data)")
     p.add_argument("--no-download", action="store_true", help="never download; fail if the files are missing")
     if n_samples is not None:
         p.add_argument("--n-samples", type=int, default=n_samples,
                        help=f"evaluation images (class-balanced, seeded; default {n_samples})")
+
+
+_AMOUNT_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGtTbB]?)[iI]?[bB]?\s*$")
+
+
+def parse_amount(text: str, flag: str, binary: bool) -> float:
+    """``25000000``, ``2.5e7``, ``25M``, ``1.5G`` -> a number (``binary``: K/M/G/T are powers of 1024,
+    for bytes; otherwise of 1000, for parameter counts; ``B`` alone means 1e9 there).
+
+    Example:
+        >>> parse_amount("25M", "--max-params", binary=False), parse_amount("2G", "--max-model-memory", binary=True)
+        (25000000.0, 2147483648.0)
+    """
+    m = _AMOUNT_RE.match(str(text))
+    example = "4G or 4096M" if binary else "25000000, 2.5e7 or 25M"
+    if not m:
+        raise UserError(f"{flag} must be a number such as {example}, got {text!r}")
+    base = 1024.0 if binary else 1000.0
+    powers = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "b": 0 if binary else 3}
+    value = float(m.group(1)) * base ** powers[m.group(2).lower()]
+    if not (value > 0 and math.isfinite(value)):
+        raise UserError(f"{flag} must be positive, got {text!r}")
+    return value
 
 
 def parse_json_kwargs(text: str | None, flag: str) -> dict[str, Any]:

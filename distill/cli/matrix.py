@@ -17,7 +17,7 @@ HELP = "Measure pairwise adversarial transferability across a pool of models"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``darht matrix`` (see CLI.md)."""
-    p.add_argument("--pool", required=True, help="pool YAML file (see DESIGN.md, The model pool)")
+    p.add_argument("--pool", required=True, help="pool YAML file (the schema: README, Data and the model pool)")
     common.add_data_arguments(p, n_samples=1000)
     p.add_argument("--attack", default="pgd",
                    help="pgd (default), fgsm, mifgsm, apgd, or any torchattacks L-inf attack name (e.g. bim)")
@@ -35,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="an array task: attack only the sources with index %% N == I into --cache (or OUT/cache); "
                         "a run without --shard over the same cache assembles the matrix with no new attack")
+    p.add_argument("--max-model-memory", default=None, metavar="SIZE",
+                   help="most model weights held in memory at once, e.g. 4G: models are built when used and the "
+                        "least recently used let go, so a pool larger than memory runs (default: a quarter of the "
+                        "available memory; the peak is recorded in OUT/env.json)")
     p.add_argument("--force", action="store_true",
                    help="replace the tables of another matrix (other models, data, seed or attack) in --out")
 
@@ -73,7 +77,10 @@ def run(args: argparse.Namespace) -> int:
                           random_start=not args.no_random_start,
                           kwargs=common.parse_json_kwargs(args.attack_kwargs, "--attack-kwargs"))
     names = None if args.models is None else [n.strip() for n in args.models.split(",") if n.strip()]
+    max_bytes = None if args.max_model_memory is None else int(common.parse_amount(args.max_model_memory,
+                                                                                   "--max-model-memory", binary=True))
     run_matrix(args.pool, args.dataset, args.out, attack=attack, n_samples=args.n_samples,
                batch_size=args.batch_size, seed=args.seed, device=device, cache_dir=args.cache, names=names,
-               data_root=args.data_root, download=not args.no_download, force=args.force, shard=shard)
+               data_root=args.data_root, download=not args.no_download, force=args.force, shard=shard,
+               max_model_bytes=max_bytes)
     return 0

@@ -12,25 +12,16 @@ import math
 import re
 from pathlib import Path
 
+from distill.cli import common
 from transfer_analysis.errors import UserError
 
 HELP = "Recommend the k teachers whose adversarial examples transfer least among one another"
 
 logger = logging.getLogger("darht.recommend")
 
-_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}
-_PARAMS_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgGbB]?)\s*$")
-
-
 def parse_params(text: str) -> float:
     """``25000000``, ``2.5e7``, ``25M``, ``1.5G`` -> a parameter count."""
-    m = _PARAMS_RE.match(str(text))
-    if not m:
-        raise UserError(f"--max-params must be a number such as 25000000, 2.5e7 or 25M, got {text!r}")
-    value = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
-    if not (value > 0 and math.isfinite(value)):
-        raise UserError(f"--max-params must be positive, got {text!r}")
-    return value
+    return common.parse_amount(text, "--max-params", binary=False)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

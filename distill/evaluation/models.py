@@ -48,7 +48,7 @@ def load_model(model: str | Path | None, pool: str | Path | None, name: str | No
             directory, ``name`` or ``sources`` without ``pool``.
     """
     check_model_source(model, pool, name, arch=arch, model_kwargs=model_kwargs, sources=sources)
-    from transfer_analysis.pool import load_pool
+    from transfer_analysis.models import load_pool
 
     model_path = Path(model) if model is not None else None
     names = ([name] if name is not None else []) + [s for s in sources if s != name]
@@ -120,7 +120,7 @@ def load_run_student(run_dir: Path, num_classes: int, in_chans: int) -> nn.Modul
     """
     from safetensors import safe_open
 
-    from transfer_analysis.pool import apply_state_dict, load_state_dict_file
+    from transfer_analysis.models import apply_state_dict, load_state_dict_file
 
     weights = run_dir / "student.safetensors"
     cfg_path = run_dir / "config.yaml"
@@ -160,7 +160,7 @@ def load_run_student(run_dir: Path, num_classes: int, in_chans: int) -> nn.Modul
 
 def _entry_beside(weights: Path, yaml_path: Path):
     """The pool entry in ``yaml_path`` (a single entry, a list of entries or a pool file)."""
-    from transfer_analysis.pool import parse_pool_entries
+    from transfer_analysis.models import parse_pool_entries
 
     data = read_yaml(yaml_path)
     if isinstance(data, Mapping) and "models" not in data:
@@ -180,7 +180,7 @@ def _entry_beside(weights: Path, yaml_path: Path):
 def load_weights_model(weights: Path, arch: str | None, model_kwargs: dict[str, Any], num_classes: int,
                        in_chans: int, image_size: int, device: torch.device, trust: bool = False) -> nn.Module:
     """A weights file as a pixel-space model: with ``arch`` a plain timm model, else the entry beside it."""
-    from transfer_analysis.pool import (PixelSpaceModel, apply_state_dict, build_pool_model, create_timm_model,
+    from transfer_analysis.models import (PixelSpaceModel, apply_state_dict, build_pool_model, create_timm_model,
                                         load_state_dict_file, merge_implied_kwargs)
 
     if not weights.is_file():

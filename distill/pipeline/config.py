@@ -51,7 +51,7 @@ from typing import Any
 
 from transfer_analysis.checks import as_int, as_number, ema_decay
 from transfer_analysis.errors import UserError
-from transfer_analysis.pool import parse_pool_entries
+from transfer_analysis.models import parse_pool_entries
 from transfer_analysis.utils import parse_eps, read_yaml
 
 __all__ = ["TEACHER_SETS", "NAMED_SETS", "DEFAULTS", "TRAINING_DEFAULTS", "PROTOCOL_KEYS", "load_study_config",

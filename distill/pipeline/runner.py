@@ -105,7 +105,7 @@ def _stage_pool(cfg: Mapping[str, Any], out: Path, train_ds: Any, device: str, *
     teacher and write nothing else (an array task); without ``train_missing``, a teacher not trained
     yet is an error (a later array task started too early)."""
     from distill.teachers import train_teacher
-    from transfer_analysis.pool import PoolEntry, init_seed_for
+    from transfer_analysis.models import PoolEntry, init_seed_for
 
     entries: list[dict[str, Any]] = []
     for i, spec in enumerate(cfg["pool"]):
@@ -254,7 +254,7 @@ def _stage_students(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Map
                     tracking: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     from distill.pipeline.claim import convergence, student_protocol
     from distill.trainer import train
-    from transfer_analysis.pool import load_pool
+    from transfer_analysis.models import load_pool
 
     runs = student_runs(cfg)
     if only is not None:
@@ -382,7 +382,7 @@ def _dry_run_checks(cfg: Mapping[str, Any]) -> None:
     from distill.methods import list_methods
     from distill.student import build_student
     from transfer_analysis.data import dataset_shape
-    from transfer_analysis.pool import PoolEntry, build_pool_model, merge_implied_kwargs
+    from transfer_analysis.models import PoolEntry, build_pool_model, merge_implied_kwargs
 
     in_chans, size, classes = dataset_shape(cfg["dataset"])
     for spec in cfg["pool"]:

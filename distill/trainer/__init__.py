@@ -60,7 +60,9 @@ from .config import (
     read_config_file,
     resolve_config,
 )
-from .loop import _make_ema, peak_memory, train, train_one_epoch  # noqa: F401 - _make_ema for tests
+from transfer_analysis.runtime import peak_memory  # noqa: F401 - re-exported (the one rule of peak memory)
+
+from .loop import _make_ema, train, train_one_epoch  # noqa: F401 - _make_ema for tests
 
 __all__ = [
     "TrainConfig",

@@ -27,7 +27,8 @@ from transfer_analysis import distributed as dist_utils
 from transfer_analysis.attacks import attack_config, build_attack, eval_mode
 from transfer_analysis.data import ImageDataset, balanced_subset, load_dataset, save_indices
 from transfer_analysis.errors import UserError
-from transfer_analysis.pool import merge_implied_kwargs
+from transfer_analysis.models import merge_implied_kwargs
+from transfer_analysis.runtime import peak_memory
 from transfer_analysis.rundir import check_run_dir
 from transfer_analysis.utils import (
     atomic_torch_save,
@@ -174,7 +175,7 @@ def _load_teachers(cfg: TrainConfig, method: Method, data: ImageDataset, device:
         return {}
     if teachers is not None:
         return dict(teachers)
-    from transfer_analysis.pool import load_pool
+    from transfer_analysis.models import load_pool
 
     return load_pool(cfg.pool, num_classes=data.num_classes, in_chans=data.in_chans, image_size=data.image_size,
                      device=device, names=cfg.teachers)
@@ -188,7 +189,7 @@ def _transfer_sources(cfg: TrainConfig, loaded: Mapping[str, nn.Module], data: I
     if missing:
         if not cfg.pool:
             raise UserError(f"final attack transfer:{missing[0]} needs `pool` holding {missing[0]!r}")
-        from transfer_analysis.pool import load_pool
+        from transfer_analysis.models import load_pool
 
         sources.update(load_pool(cfg.pool, num_classes=data.num_classes, in_chans=data.in_chans,
                                  image_size=data.image_size, device=device, names=missing))
@@ -512,31 +513,6 @@ def _finish(s: _Session) -> TrainResult:
     logger.info("done: %s; peak memory %.0f MB (%s)", ", ".join(f"{k} {v:.4f}" for k, v in metrics["accuracy"].items()),
                 metrics["training"]["peak_memory_mb"], metrics["training"]["peak_memory_kind"])
     return TrainResult(run_dir, student, s.history, metrics, True, cfg)
-
-
-def peak_memory(device: torch.device) -> dict[str, Any]:
-    """Peak memory so far: ``{"peak_memory_mb", "peak_memory_kind"}``.
-
-    On CUDA the most memory tensors held on ``device`` since the last reset (the trainer resets
-    it when training starts, so it covers training and the final evaluation); elsewhere the
-    process's peak resident set size (data and everything else included; Linux and macOS).
-
-    Example:
-        >>> peak_memory(torch.device("cpu"))["peak_memory_kind"]
-        'process peak RSS'
-    """
-    if device.type == "cuda":
-        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
-                "peak_memory_kind": "cuda max allocated"}
-    try:
-        import resource
-        import sys
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        mb = rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
-    except (ImportError, OSError):  # Windows
-        mb = float("nan")
-    return {"peak_memory_mb": round(mb, 1), "peak_memory_kind": "process peak RSS"}
 
 
 def _all_reduce_sums(sums: dict[str, torch.Tensor | float], loss_sum: float, correct: int,

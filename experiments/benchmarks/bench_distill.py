@@ -41,7 +41,7 @@ from distill.losses import darht_loss
 from distill.methods import FrozenTeachers, create_method
 from distill.student import build_student
 from distill.trainer import peak_memory
-from transfer_analysis.pool import PixelSpaceModel, create_timm_model
+from transfer_analysis.models import PixelSpaceModel, create_timm_model
 from transfer_analysis.utils import resolve_device
 
 logger = logging.getLogger("bench_distill")

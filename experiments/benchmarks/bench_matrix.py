@@ -36,7 +36,7 @@ import torchattacks
 from transfer_analysis.attacks import AttackConfig
 from transfer_analysis.data import make_synthetic
 from transfer_analysis.matrix import source_seed, transfer_matrix
-from transfer_analysis.pool import PoolEntry, build_pool_model
+from transfer_analysis.models import PoolEntry, build_pool_model
 from transfer_analysis.utils import parse_eps, resolve_device
 
 

@@ -43,7 +43,7 @@ def _free_port() -> int:
 
 
 def _tiny(width: int, seed: int, classes: int = 10, chans: int = 3) -> torch.nn.Module:
-    from transfer_analysis.pool import PixelSpaceModel, create_timm_model
+    from transfer_analysis.models import PixelSpaceModel, create_timm_model
 
     torch.manual_seed(seed)
     return PixelSpaceModel(create_timm_model("resnet18_cifar", classes, chans, width=width)).eval()

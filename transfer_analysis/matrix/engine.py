@@ -50,11 +50,25 @@ def source_seed(seed: int, fingerprint: str) -> int:
     return int(hashlib.sha256(f"{int(seed)}:{fingerprint}".encode()).hexdigest()[:15], 16)
 
 
+def _info(pool: Mapping[str, nn.Module], name: str) -> tuple[str, int, object, str | None, bool]:
+    """``(fingerprint, params, entry, weights, new_head)`` of a pool model; a :class:`LazyPool`
+    answers from what it recorded when it built the model."""
+    info = getattr(pool, "info", None)
+    if callable(info):
+        i = info(name)
+        return i.fingerprint, i.params, i.entry, i.weights, i.new_head
+    from ..models import count_params
+
+    model = pool[name]
+    return (_fingerprint(model), count_params(model), getattr(model, "entry", None), getattr(model, "weights", None),
+            bool(getattr(model, "new_head", False)))
+
+
 def _fingerprint(model: nn.Module) -> str:
     fp = getattr(model, "fingerprint", None)
     if isinstance(fp, str) and len(fp) == 64:
         return fp
-    from ..pool import model_fingerprint
+    from ..models import model_fingerprint
 
     return model_fingerprint(model)
 
@@ -65,33 +79,42 @@ def _model_bytes(model: nn.Module) -> int:
 
 class _Placement:
     """Keep models on the device only while in use: least-recently-used ones go back to the CPU
-    when the next would exceed ``budget`` bytes; everything returns to its original device at the end."""
+    when the next would exceed ``budget`` bytes; everything returns to its original device at the end.
+
+    A model is resident only as the very object the pool gives now: a pool that rebuilds models
+    (:class:`~transfer_analysis.models.LazyPool`) hands out a new object after letting one go.
+    """
 
     def __init__(self, pool: Mapping[str, nn.Module], device: torch.device, budget: int | None) -> None:
         self.pool, self.device, self.budget = pool, device, budget
-        self.home = {name: model_device(m) for name, m in pool.items()}
-        self.size = {name: _model_bytes(m) for name, m in pool.items()}
-        self.resident: OrderedDict[str, None] = OrderedDict()
+        self.home: dict[str, torch.device] = {}
+        self.size: dict[str, int] = {}
+        self.resident: OrderedDict[str, nn.Module] = OrderedDict()
 
     def use(self, name: str) -> nn.Module:
         model = self.pool[name]
-        if name in self.resident:
+        if self.resident.get(name) is model:
             self.resident.move_to_end(name)
             return model
+        self.resident.pop(name, None)  # a stale object the pool has let go of
+        self.home.setdefault(name, model_device(model))
+        self.size[name] = _model_bytes(model)
         if self.budget is not None:
             while self.resident and sum(self.size[n] for n in self.resident) + self.size[name] > self.budget:
-                old, _ = self.resident.popitem(last=False)
-                self.pool[old].to("cpu")
+                old, old_model = self.resident.popitem(last=False)
+                old_model.to("cpu")
         model.to(self.device)
-        self.resident[name] = None
+        self.resident[name] = model
         return model
 
     def is_resident(self, name: str) -> bool:
-        return name in self.resident
+        """On the device now, or at least held in memory by a lazy pool (no rebuild)."""
+        held = getattr(self.pool, "held", None)
+        return name in self.resident or (callable(held) and name in held())
 
     def release(self) -> None:
-        for name in list(self.resident):
-            self.pool[name].to(self.home[name])
+        for name, model in list(self.resident.items()):
+            model.to(self.home.get(name, "cpu"))
         self.resident.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -183,7 +206,7 @@ def transfer_matrix(pool: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
     cfg = (AttackConfig(attack) if isinstance(attack, str) else attack).resolved()
     names = list(pool)
     x, y = _check_matrix_inputs(names, x, y, batch_size, metrics, shard, cache_dir)
-    fps = [_fingerprint(pool[name]) for name in names]
+    fps = [_info(pool, name)[0] for name in names]
     reserve = 2 * x.numel() * x.element_size()
     run = _Run(pool=pool, names=names, fps=fps, cfg=cfg, x=x, y=y, x_dev=x.to(dev), y_dev=y.to(dev),
                batch_size=batch_size, device=dev, seed=seed, dataset=dataset,
@@ -325,18 +348,16 @@ class _Run:
 
     def result(self, metrics: Sequence[str]) -> TransferResult:
         """The whole matrix as a :class:`TransferResult` (every row and clean prediction present)."""
-        from ..pool import count_params
-
         fps, pool, names = self.fps, self.pool, self.names
         clean_pred = torch.stack([self.clean[fp] for fp in fps])
         adv_pred = torch.stack([torch.stack([self.rows[fs][ft] for ft in fps]) for fs in fps])
-        entries = [getattr(pool[name], "entry", None) for name in names]
+        infos = [_info(pool, name) for name in names]
         return TransferResult(
             names=names, attack=self.cfg, labels=self.y, clean_pred=clean_pred, adv_pred=adv_pred,
-            params=[count_params(pool[name]) for name in names],
-            families=[getattr(e, "family", None) for e in entries],
-            archs=[getattr(e, "arch", None) or type(pool[name]).__name__ for e, name in zip(entries, names)],
-            fingerprints=fps, stats=self.stats, metrics=tuple(metrics),
+            params=[i[1] for i in infos], families=[getattr(i[2], "family", None) for i in infos],
+            archs=[getattr(i[2], "arch", None) or type(pool[name]).__name__ for i, name in zip(infos, names)],
+            fingerprints=fps, stats=self.stats, metrics=tuple(metrics), weights=[i[3] for i in infos],
+            new_heads=[i[4] for i in infos],
         )
 
 

@@ -39,12 +39,14 @@ class TransferResult:
         adv_pred: ``adv_pred[s, t]`` = predictions of model t on ``x_adv_s``, shape (N, N, n).
         params: parameter count per model.
         families, archs: pool labels (``None`` for plain modules).
+        weights: where each model's weights came from (``pretrained``, ``checkpoint``, ``random``;
+            ``None`` for plain modules), and ``new_heads`` whether its classifier is new.
         fingerprints: content fingerprints (the cache keys' model part).
         stats: work done: ``attacks_run``, ``target_evaluations``, ``clean_evaluations``,
             ``sources_from_cache``.
         long: tidy table (source, target, attack, eps, metric, value, n, ci_low, ci_high).
         matrix: ``transfer_rate`` pivot, index ``source``, one column per target.
-        models: per model: clean_acc, whitebox_robust_acc, params, family, arch.
+        models: per model: clean_acc, whitebox_robust_acc, params, family, arch, weights, new_head.
     """
 
     names: list[str]
@@ -57,6 +59,8 @@ class TransferResult:
     archs: list[str | None]
     fingerprints: list[str]
     stats: dict[str, int] = field(default_factory=dict)
+    weights: list[str | None] | None = None
+    new_heads: list[bool] | None = None
     metrics: tuple[str, ...] = DEFAULT_METRICS
     long: pd.DataFrame = field(init=False, repr=False)
     matrix: pd.DataFrame = field(init=False, repr=False)
@@ -132,5 +136,9 @@ class TransferResult:
         idx = torch.arange(len(self.names))
         clean_acc = self.clean_correct.double().mean(-1).tolist()
         robust_acc = (~self.fooled[idx, idx]).double().mean(-1).tolist()
+        n = len(self.names)
         return pd.DataFrame({"model": self.names, "clean_acc": clean_acc, "whitebox_robust_acc": robust_acc,
-                             "params": [int(p) for p in self.params], "family": self.families, "arch": self.archs})
+                             "params": [int(p) for p in self.params], "family": self.families, "arch": self.archs,
+                             "weights": self.weights if self.weights is not None else [None] * n,
+                             "new_head": [bool(h) for h in self.new_heads] if self.new_heads is not None
+                             else [False] * n})

@@ -99,7 +99,7 @@ def run_matrix(pool_path: str | Path, dataset: str | Any, out: str | Path, *, at
                n_samples: int = 1000, batch_size: int = 256, seed: int = 0, device: str | torch.device = "cpu",
                cache_dir: str | Path | None = None, names: Sequence[str] | None = None,
                data_root: str | None = None, download: bool = True, force: bool = False,
-               shard: tuple[int, int] | None = None) -> TransferResult | None:
+               shard: tuple[int, int] | None = None, max_model_bytes: int | None = None) -> TransferResult | None:
     """Everything ``darht matrix`` does: validate, build the pool, compute, write the run directory.
 
     Args:
@@ -114,11 +114,16 @@ def run_matrix(pool_path: str | Path, dataset: str | Any, out: str | Path, *, at
         shard: ``(i, n)``: attack only the sources with index ``% n == i`` into the cache (an array
             task; see :func:`transfer_matrix`); writes ``out/shards/I-of-N.json`` instead of the tables
             and returns ``None``.
+        max_model_bytes: most bytes of model weights held in memory at once (a
+            :class:`~transfer_analysis.models.LazyPool`: models are built when used and the least
+            recently used let go). Default: a quarter of the memory available at the start; the
+            peak is recorded in ``env.json``.
 
     Every input is checked before anything is written, so a mistake leaves no output behind.
     """
     from transfer_analysis.data import balanced_subset, load_dataset
-    from transfer_analysis.pool import build_pool_model, read_pool_config
+    from transfer_analysis.models import open_pool, read_pool_config
+    from transfer_analysis.runtime import available_memory
 
     attack = attack.resolved()
     if batch_size < 1:
@@ -142,8 +147,15 @@ def run_matrix(pool_path: str | Path, dataset: str | Any, out: str | Path, *, at
         raise UserError(f"model(s) {', '.join(unknown)} not in {pool_path}; the pool has {', '.join(known)}")
     # rows/columns in pool order; random-init models get weights from (seed, name) only, so their
     # cached results stay valid whatever subset or order is run
-    pool = {e.name: build_pool_model(e, ds.num_classes, ds.in_chans, ds.image_size, device="cpu", init_seed=seed)
-            for e in entries if names is None or e.name in names}
+    if max_model_bytes is not None and (isinstance(max_model_bytes, bool) or max_model_bytes < 1):
+        raise UserError(f"`max_model_bytes` must be a positive number of bytes, got {max_model_bytes!r}")
+    if max_model_bytes is None:
+        avail = available_memory()
+        max_model_bytes = avail // 4 if avail else None
+    pool = open_pool(pool_path, ds.num_classes, ds.in_chans, ds.image_size,
+                     names=[e.name for e in entries if names is None or e.name in names], init_seed=seed,
+                     data_crop_pct=getattr(getattr(ds, "options", None), "crop_pct", None), max_bytes=max_model_bytes,
+                     warn_random=False)
 
     with dist_utils.process_group(resolve_device(device)):
         return _run_matrix_outputs(pool, ds, dataset, out, pool_path=pool_path, attack=attack, indices=indices,
@@ -169,8 +181,9 @@ def _run_matrix_outputs(pool: Mapping[str, nn.Module], ds: Any, dataset: str | A
         config = {
             "command": "matrix",
             "pool": str(Path(pool_path).resolve()),
-            "models": [{"name": n, "arch": m.entry.arch, "family": m.entry.family, "fingerprint": m.fingerprint}
-                       for n, m in pool.items()],
+            "models": [{"name": n, "arch": _info(pool, n).entry.arch, "family": _info(pool, n).entry.family,
+                        "fingerprint": _info(pool, n).fingerprint} for n in pool],
+            "weights": {n: _info(pool, n).weights for n in pool},
             "dataset": str(dataset) if isinstance(dataset, (str, Path)) else ds.name, "data_root": data_root,
             "n_samples": n_samples, "n": int(len(indices)), "indices_sha256": indices_sha, "seed": seed,
             "attack": attack.to_dict(), "eps_readable": format_eps(attack.eps), "batch_size": batch_size,
@@ -181,6 +194,11 @@ def _run_matrix_outputs(pool: Mapping[str, nn.Module], ds: Any, dataset: str | A
         if dist_utils.world_size() > 1:
             config["processes"] = dist_utils.world_size()
         _check_same_matrix(out, config, force)  # before anything is written
+        from transfer_analysis.models import warn_random_weights
+
+        for n in pool:  # after every refusal: a refusal stays one line
+            if config["weights"][n] == "random":
+                warn_random_weights(n)
         prepare_out_dir(out, resume=True)
         if shard is None:
             save_indices(out / "indices.json", indices, dataset=ds.name, split="test", seed=seed)
@@ -203,8 +221,35 @@ def _run_matrix_outputs(pool: Mapping[str, nn.Module], ds: Any, dataset: str | A
                     shard[0], shard[1], ", ".join(sources) or "(none)", cache_dir)
         return None
     if main:
+        _record_memory(out, pool, device)
         paths = save_matrix_outputs(result, out)
         logger.info("wrote %s (attacks run: %d, target evaluations: %d, sources fully cached: %d)",
                     ", ".join(p.name for p in paths.values()), result.stats["attacks_run"],
                     result.stats["target_evaluations"], result.stats["sources_from_cache"])
     return result
+
+
+def _info(pool: Mapping[str, nn.Module], name: str) -> Any:
+    """What a :class:`~transfer_analysis.models.LazyPool` recorded of a model (or the model itself)."""
+    info = getattr(pool, "info", None)
+    return info(name) if callable(info) else pool[name]
+
+
+def _record_memory(out: Path, pool: Mapping[str, nn.Module], device: str | torch.device) -> None:
+    """Add the run's peak memory and the pool's residency to ``env.json``."""
+    import json
+
+    from transfer_analysis.runtime import peak_memory
+    from transfer_analysis.utils import atomic_write_json
+
+    path = out / "env.json"
+    try:
+        env = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        env = {}
+    env["memory"] = {**peak_memory(resolve_device(device)),
+                     "max_model_bytes": getattr(pool, "max_bytes", None),
+                     "peak_model_bytes_held": getattr(pool, "peak_held_bytes", None),
+                     "pool_model_bytes": sum(_info(pool, n).nbytes for n in pool) if hasattr(pool, "info") else None,
+                     "model_builds": getattr(pool, "builds", None)}
+    atomic_write_json(path, env)

@@ -16,7 +16,7 @@ All of them take ``in_chans``, ``num_classes`` (0 gives pooled features, as in t
 ``forward_head``, ``reset_classifier``).
 
 Example:
-    >>> import timm, torch, transfer_analysis.archs
+    >>> import timm, torch, transfer_analysis.models.archs
     >>> m = timm.create_model("resnet18_cifar", num_classes=10, in_chans=1, width=8)
     >>> m(torch.zeros(2, 1, 28, 28)).shape
     torch.Size([2, 10])
