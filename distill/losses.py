@@ -1,6 +1,6 @@
 """Distillation losses: DARHT's multi-teacher loss and the KL helpers the baselines share.
 
-Conventions (METHODS.md, "Reduction conventions"):
+Conventions (docs/methods.md, "Reduction conventions"):
 
 - ``KL(P || Q) = sum_c P_c log(P_c / Q_c)``, what ``F.kl_div(log_softmax(q), softmax(p))`` computes.
 - ``batchmean``: the KL summed over classes, averaged over the batch (the true KL). DARHT uses it.
@@ -120,7 +120,7 @@ def teacher_weights(teacher_ce: torch.Tensor, weighting: Weighting = "exp_ce") -
 def darht_loss(logits: torch.Tensor, fmap: torch.Tensor | None, teacher_logits: torch.Tensor | None,
                y: torch.Tensor, phase: Phase = "ce+kd", temperature: float = 1.0, weighting: Weighting = "exp_ce",
                kd: KDLoss = "kl") -> dict[str, torch.Tensor]:
-    """DARHT's loss on one batch (DESIGN.md, DARHT, steps 3-5).
+    """DARHT's loss on one batch (docs/design.md, DARHT, steps 3-5).
 
     - ``ce = CE(logits, y)``, batch mean, on the student's final logits.
     - ``w_k`` from :func:`teacher_weights` on the teachers' batch-mean CE, detached: no gradient

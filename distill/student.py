@@ -230,7 +230,10 @@ def build_student(arch: str, num_classes: int, num_teachers: int | None = None, 
             ViT, and the size of the probe that measures the feature width).
         input_size: resize inputs to this inside ``forward`` (default: no resizing).
         mean, std: per-channel normalization inside ``forward`` (default: none, inputs stay in [0, 1]).
-        **timm_kwargs: passed to ``timm.create_model`` (``width``, ``drop_rate``, ``patch_size``...).
+        **timm_kwargs: passed to ``timm.create_model`` (``width``, ``drop_rate``, ``patch_size``...);
+            ``pretrained=True`` starts from timm's pretrained weights (any timm name, ``hf-hub:``,
+            ``local-dir:``) with a new head for ``num_classes`` (fine-tuning). It is recorded in the
+            spec, and :func:`load_student` rebuilds the architecture without downloading anything.
 
     Example:
         >>> s = build_student("resnet18_cifar", 10, 2, in_chans=3, mean=[0.5] * 3, std=[0.25] * 3, width=4)
@@ -247,7 +250,9 @@ def build_student(arch: str, num_classes: int, num_teachers: int | None = None, 
     if std is not None and any(float(s) <= 0 for s in std):
         raise UserError(f"student normalization: std values must be positive, got {list(std)}")
     size_hw = _hw(input_size) or _hw(image_size)
-    backbone = create_timm_model(arch, num_classes=0 if k else num_classes, in_chans=in_chans,
+    timm_kwargs = dict(timm_kwargs)
+    pretrained = bool(timm_kwargs.pop("pretrained", False))
+    backbone = create_timm_model(arch, num_classes=0 if k else num_classes, in_chans=in_chans, pretrained=pretrained,
                                  image_size=(size_hw[0] if size_hw and size_hw[0] == size_hw[1] else size_hw),
                                  **dict(timm_kwargs))
     feature_map = None
@@ -271,6 +276,8 @@ def build_student(arch: str, num_classes: int, num_teachers: int | None = None, 
         "mean": None if mean is None else [float(m) for m in mean],
         "std": None if std is None else [float(s) for s in std],
     }
+    if pretrained:
+        spec["pretrained"] = True  # how it started; load_student rebuilds the architecture only
     return Student(wrapped, feature_map, spec)
 
 

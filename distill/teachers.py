@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -144,8 +143,9 @@ def train_teacher(arch: str, dataset: str | ImageDataset, out: str | os.PathLike
             if p.exists():
                 raise UserError(f"{p} already exists; pass `force` to replace it (or `resume` to finish its run)")
     entry_name = name or weights.stem
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", entry_name):
-        raise UserError(f"teacher name {entry_name!r} must use letters, digits, '_', '-' or '.'; pass `name`")
+    from transfer_analysis.models import check_model_name
+
+    check_model_name(entry_name, "train_teacher (`name`, default the file's stem)")
     if model_kwargs and "input_size" in model_kwargs:
         raise UserError("train_teacher: pass input_size as its own argument, not inside model_kwargs")
     student_kwargs = {**dict(model_kwargs or {}), **({"input_size": input_size} if input_size is not None else {})}
@@ -170,7 +170,7 @@ def train_teacher(arch: str, dataset: str | ImageDataset, out: str | os.PathLike
     entry = PoolEntry(
         name=entry_name,
         arch=arch,
-        kwargs=dict(model_kwargs or {}),
+        kwargs={k: v for k, v in dict(model_kwargs or {}).items() if k != "pretrained"},  # the checkpoint has all
         checkpoint=weights.name,
         input_size=int(image_size[0]) if image_size and image_size[0] == image_size[1] else image_size,
         mean=spec["mean"],

@@ -140,7 +140,7 @@ def test_attacks_stay_in_budget_and_fool(name):
 
 
 def test_the_recorded_attack_is_the_one_that_runs():
-    """Issue 13: config.yaml records the torchattacks class and every default it keeps."""
+    """Config.yaml records the torchattacks class and every default it keeps."""
     from transfer_analysis.attacks import attack_record
 
     rec = attack_record(AttackConfig("difgsm", eps=0.1, kwargs={"decay": 0.5}))
@@ -152,7 +152,7 @@ def test_the_recorded_attack_is_the_one_that_runs():
 
 
 def test_one_vocabulary_across_matrix_training_and_evaluation(model):
-    """Issue 15: evaluation's fgsm / pgdN / cwN / transfer:NAME are the matrix's registry attacks,
+    """Evaluation's fgsm / pgdN / cwN / transfer:NAME are the matrix's registry attacks,
     the training methods' PGD is the same code, and the recorded settings are read off what runs."""
     from distill.evaluation import per_sample_correct
     from distill.methods import create_method

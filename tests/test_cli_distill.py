@@ -54,7 +54,7 @@ def test_train_teacher_writes_weights_and_a_loadable_pool_entry(tmp_path: Path) 
 
 
 def test_train_teacher_ema_writes_the_moving_average(tmp_path: Path) -> None:
-    """Issue 14: `train-teacher --ema D`: the pool entry's weights are the EMA of the checkpoint (not the
+    """`train-teacher --ema D`: the pool entry's weights are the EMA of the checkpoint (not the
     last weights), and the decay is recorded in W.run/config.yaml."""
     from safetensors.torch import load_file
 

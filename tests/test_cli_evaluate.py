@@ -192,7 +192,7 @@ def test_console_script_exit_code(tmp_path):
 
 
 def test_autoattack_also_writes_a_robustbench_model_info(tmp_path, weights):
-    """Issue 13: with standard AutoAttack, <stem>.robustbench.json in RobustBench's model_info shape;
+    """With standard AutoAttack, <stem>.robustbench.json in RobustBench's model_info shape;
     its clean accuracy is on the AutoAttack images (here a nested 8 of 16)."""
     from distill.robustbench import MODEL_INFO_FIELDS
 
@@ -219,7 +219,7 @@ def test_autoattack_also_writes_a_robustbench_model_info(tmp_path, weights):
 
 
 def test_killed_evaluate_resumes_with_resume_to_identical_metrics(tmp_path, weights, capsys, monkeypatch):
-    """Issue 13: an interrupted darht evaluate leaves no --out, only its state; --resume finishes it with
+    """An interrupted darht evaluate leaves no --out, only its state; --resume finishes it with
     the metrics of an uninterrupted run; without --resume the state is not silently dropped."""
     import distill.evaluation.evaluate as ev  # where evaluate_robustness looks _attack_correct up
 

@@ -130,7 +130,7 @@ def test_refuses_another_commands_run_dir(pool_file, tmp_path, capsys):
 
 
 def test_sharded_array_tasks_then_one_assembling_run(pool_file, tmp_path, monkeypatch):
-    """Issue 14: --shard I/N attacks only its sources into the shared cache; the run without --shard
+    """--shard I/N attacks only its sources into the shared cache; the run without --shard
     over that cache attacks nothing and writes the same tables as an unsharded run."""
     import transfer_analysis.matrix.engine as engine
 

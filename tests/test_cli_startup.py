@@ -1,4 +1,4 @@
-"""Issue 13: the command line answers at once. `darht --help`, every `SUB --help`, refusals that need
+"""The command line answers at once. `darht --help`, every `SUB --help`, refusals that need
 no model and a whole `darht recommend` run never import torch (each check in a fresh interpreter)."""
 
 from __future__ import annotations

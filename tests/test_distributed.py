@@ -190,7 +190,7 @@ def test_matrix_with_two_processes_matches_one(tmp_path: Path, write_pool) -> No
 
 
 def test_evaluate_with_two_processes_matches_one(tmp_path: Path) -> None:
-    """Issue 13: darht evaluate under torchrun shards the samples (fixed, seeded groups) and rank 0
+    """Darht evaluate under torchrun shards the samples (fixed, seeded groups) and rank 0
     writes the same metrics as one process, AutoAttack included."""
     import json
 

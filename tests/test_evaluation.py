@@ -505,7 +505,7 @@ def test_exported_from_distill():
     assert dataclasses.replace(AUTOATTACK_STANDARD, square_queries=10).square_queries == 10
 
 
-# ------------------------------------------------------------------ issue 13: masking checks
+# ------------------------------------------------------------------ masking checks
 def _linear_model(seed: int = 0) -> nn.Module:
     """A logistic regression trained on 4-class 1x8x8 synthetic data: robust to nothing, masks nothing."""
     from transfer_analysis.data import make_synthetic
@@ -600,7 +600,7 @@ def test_autoattack_rand_averages_eot_samples_on_a_randomized_model():
     assert ev.autoattack_config_for("autoattack-rand").eot_iter == 20  # AutoAttack's default
 
 
-# ------------------------------------------------------------------ issue 13: resumable evaluation
+# ------------------------------------------------------------------ resumable evaluation
 def _strip_times(m):
     m = dict(m)
     m["diagnostics"] = {k: v for k, v in m["diagnostics"].items() if k != "seconds"}

@@ -1,4 +1,4 @@
-"""The prepared GPU check runs end to end on the CPU with --dry-run (issue 13)."""
+"""The prepared GPU check runs end to end on the CPU with --dry-run."""
 
 from __future__ import annotations
 

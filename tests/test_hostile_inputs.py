@@ -1,4 +1,4 @@
-"""Issue 16: every bad input, over every subcommand, is one line and exit 2, leaves nothing behind,
+"""Every bad input, over every subcommand, is one line and exit 2, leaves nothing behind,
 and every file that existed before is byte-identical afterwards; the two valid inputs that used
 to fail now run.
 

@@ -1,4 +1,4 @@
-"""Issue 14: a study as array jobs: --emit-commands writes one command per stage item; running every
+"""A study as array jobs: --emit-commands writes one command per stage item; running every
 item of every stage (here one after another, as the scheduler would) ends with the same students as a
 plain run."""
 
@@ -76,7 +76,7 @@ def _small_study(tmp_path, **changes):
 
 
 def test_emitted_commands_carry_ema_and_tracking_flags(tmp_path, capsys):
-    """Issue 14: --ema and the tracking flags of `darht pipeline` reach every array task."""
+    """--ema and the tracking flags of `darht pipeline` reach every array task."""
     config = _small_study(tmp_path)
     out = tmp_path / "jobs"
     assert main(["pipeline", "--config", str(config), "--out", str(out), "--device", "cpu", "--emit-commands",
@@ -119,7 +119,7 @@ def test_pipeline_ema_and_tensorboard_reach_teachers_and_students(tmp_path, caps
 
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_the_stages_like_a_plain_run(tmp_path, capsys, monkeypatch):
-    """Issue 14: --launcher submitit (its local executor: subprocesses, as Slurm tasks would be) runs
+    """--launcher submitit (its local executor: subprocesses, as Slurm tasks would be) runs
     every stage after the previous one and ends with the students of a plain run."""
     pytest.importorskip("submitit")
     # the jobs are new processes: give them this process's one thread (CPU float sums depend on the

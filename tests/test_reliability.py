@@ -1,4 +1,4 @@
-"""Reliability (issue 7): bad input, no clobbering, unsafe files, numerical faults, interruptions.
+"""Reliability: bad input, no clobbering, unsafe files, numerical faults, interruptions.
 
 Every user mistake ends with exit code 2 and one stderr line ``darht <cmd>: error: ...``, no
 traceback and no output left behind. Interrupted runs (SIGKILL, SIGTERM) resume to exactly the

@@ -1,4 +1,4 @@
-"""Issue 14: RobustBench zoo models as pool entries, loaded through the toolkit's safe loader.
+"""RobustBench zoo models as pool entries, loaded through the toolkit's safe loader.
 
 CI has no RobustBench (an extra installed with --no-deps), so the zoo is stood in for by a module
 with its layout (model_dicts[BenchmarkDataset][ThreatModel][name]["model"]); with RobustBench

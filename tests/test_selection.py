@@ -361,7 +361,7 @@ def test_constraint_errors(kwargs, match):
 
 
 def test_one_request_object_for_both_entry_points():
-    """Issue 15: a SelectionRequest is what both entry points take; options are its fields."""
+    """A SelectionRequest is what both entry points take; options are its fields."""
     from transfer_analysis.selection import SelectionRequest
 
     req = SelectionRequest(k=2, objective="mean", top=3)
@@ -504,7 +504,7 @@ def test_an_empty_direction_defers_to_the_other():
 
 
 def test_nan_cell_ranking_is_the_same_in_the_search_the_graph_and_the_json(tmp_path):
-    """Issue 15's case: T[a,b] empty, T[b,a] = 0.5, {a,c} = 0.6, {b,c} = 0.7. The whole ranking of
+    """The case that once broke the ranking: T[a,b] empty, T[b,a] = 0.5, {a,c} = 0.6, {b,c} = 0.7. The whole ranking of
     ``--k 2 --objective mean --top 3`` follows the one pair-score rule, as the graph and rec.json do."""
     T = pd.DataFrame([[1.0, np.nan, 0.6], [0.5, 1.0, 0.7], [0.6, 0.7, 1.0]], index=list("abc"), columns=list("abc"))
     for objective in ("mean", "minimax"):

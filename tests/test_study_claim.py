@@ -1,4 +1,4 @@
-"""Issue 12: the study protocol, the teacher-set sampler and the claim statistics."""
+"""The study protocol, the teacher-set sampler and the claim statistics."""
 
 from __future__ import annotations
 
@@ -208,7 +208,7 @@ def test_per_set_means_leave_out_unconverged_students_and_the_verdict_follows_th
     assert claim_verdict({})[0] == "not tested"
 
 
-# ------------------------------------------------------------------ issue 15: one pair-score rule
+# ------------------------------------------------------------------ one pair-score rule
 def test_nan_cell_defers_to_the_other_direction_in_the_whole_ranking():
     T = pd.DataFrame([[1.0, np.nan, 0.6], [0.5, 1.0, 0.7], [0.6, 0.7, 1.0]], index=list("abc"), columns=list("abc"))
     for objective in ("mean", "minimax"):

@@ -1,4 +1,4 @@
-"""Issue 14: TensorBoard and W&B (offline), each an optional extra, from darht distill and train-teacher."""
+"""TensorBoard and W&B (offline), each an optional extra, from darht distill and train-teacher."""
 
 from __future__ import annotations
 

@@ -237,7 +237,7 @@ def test_compile_compiles_the_student_and_every_teacher(data, tmp_path: Path, mo
 
 
 def test_ema_is_the_reported_model_recorded_and_resumable(data, tmp_path: Path) -> None:
-    """Issue 14: --ema keeps an exponential moving average (weights and buffers), evaluated each epoch
+    """--ema keeps an exponential moving average (weights and buffers), evaluated each epoch
     and saved as the student; recorded in config.yaml; a resume ends bit-identical."""
     from distill.student import load_student
 
@@ -276,7 +276,7 @@ def test_ema_update_rule_by_hand() -> None:
 
 
 def test_run_killed_in_its_final_evaluation_resumes_there(data, tmp_path: Path, monkeypatch) -> None:
-    """Issue 13: the final evaluation keeps a state; a resume finishes it without retraining."""
+    """The final evaluation keeps a state; a resume finishes it without retraining."""
     import distill.evaluation.evaluate as ev  # where evaluate_robustness looks _attack_correct up
 
     cfg = _config(method="standard", method_kwargs={}, epochs=1, final_attacks=["clean", "fgsm", "pgd5"])

@@ -1,4 +1,4 @@
-"""Small helpers for runs under ``torchrun`` (DESIGN.md, Scale), used by the trainer and the matrix.
+"""Small helpers for runs under ``torchrun`` (docs/design.md, Scale), used by the trainer and the matrix.
 
 ``torchrun --nproc_per_node N --no-python darht ...`` sets ``WORLD_SIZE``, ``RANK``,
 ``LOCAL_RANK`` and the rendezvous variables; :func:`process_group` then initializes the default

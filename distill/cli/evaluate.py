@@ -50,11 +50,12 @@ def parse_attack_samples(text: str | None) -> dict[str, int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``darht evaluate`` (see CLI.md)."""
+    """Options of ``darht evaluate`` (docs/cli.md)."""
     src = p.add_argument_group("model")
     src.add_argument("--model", default=None,
-                     help="a run directory of 'darht distill' (config.yaml + student.safetensors) or a weights "
-                          "file (.safetensors or a torch state dict)")
+                     help="a run directory of 'darht distill' (config.yaml + student.safetensors), a weights "
+                          "file (.safetensors or a torch state dict), or a pretrained timm model hf-hub:ORG/NAME or "
+                          "local-dir:PATH")
     src.add_argument("--arch", default=None,
                      help="timm architecture of a --model weights file (default: read the pool entry W.yaml "
                           "beside it)")
@@ -131,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
     from distill.cli.common import dataset_file, require_files
 
     # before any heavy import: a missing --model, pool, indices or dataset file is refused at once
-    require_files((args.model, "model (a 'darht distill' run directory or a weights file)"), (args.pool, "pool file"),
+    model_file = None if args.model is None or args.model.startswith(("hf-hub:", "local-dir:")) else args.model
+    require_files((model_file, "model (a 'darht distill' run directory or a weights file)"), (args.pool, "pool file"),
                   (args.indices, "indices file"), (dataset_file(args.dataset), "dataset file"))
     from distill.evaluation import attack_kind, check_attack_samples, parse_attacks
     from distill.evaluation.models import check_model_source

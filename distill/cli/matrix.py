@@ -16,7 +16,7 @@ HELP = "Measure pairwise adversarial transferability across a pool of models"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``darht matrix`` (see CLI.md)."""
+    """Options of ``darht matrix`` (docs/cli.md)."""
     p.add_argument("--pool", required=True, help="pool YAML file (the schema: README, Data and the model pool)")
     common.add_data_arguments(p, n_samples=1000)
     p.add_argument("--attack", default="pgd",

@@ -25,7 +25,7 @@ def parse_params(text: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``darht recommend`` (see CLI.md)."""
+    """Options of ``darht recommend`` (docs/cli.md)."""
     p.add_argument("--matrix", required=True,
                    help="directory holding transfer_matrix.csv (and models.csv), or the CSV itself")
     p.add_argument("--k", type=int, required=True, help="number of teachers in a set (>= 2)")

@@ -20,7 +20,12 @@ HELP = "Train a teacher (standard, fast-at, pgd-at or trades) and write a pool e
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``darht train-teacher``."""
-    p.add_argument("--arch", required=True, help="timm architecture (or resnet18_cifar, wideresnet34_10, ...)")
+    p.add_argument("--arch", required=True,
+                   help="any timm name: a registry name (or resnet18_cifar, wideresnet34_10, ...), hf-hub:ORG/NAME or "
+                        "local-dir:PATH")
+    p.add_argument("--pretrained", action="store_true",
+                   help="fine-tune from timm's pretrained weights (a new head for the data's classes) with the "
+                        "pretrained mean/std and, unless --input-size, its input size (images resized inside)")
     p.add_argument("--model-kwargs", default=None, metavar="JSON",
                    help="kwargs for timm.create_model, e.g. '{\"width\": 32}'")
     common.add_data_arguments(p)
@@ -68,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
     entry = train_teacher(
         args.arch, args.dataset, args.out, method=args.method,
-        model_kwargs=common.parse_json_kwargs(args.model_kwargs, "--model-kwargs"),
+        model_kwargs={**common.parse_json_kwargs(args.model_kwargs, "--model-kwargs"),
+                      **({"pretrained": True} if args.pretrained else {})},
         method_kwargs=common.parse_json_kwargs(args.method_kwargs, "--method-kwargs"),
         epochs=args.epochs, eps=args.eps, batch_size=args.batch_size, lr=args.lr, name=args.name,
         family=args.family, final_attacks=args.final_attacks.split(","),

@@ -1,7 +1,7 @@
 """Robust evaluation: clean, FGSM, PGD, CW∞, AutoAttack and black-box transfer, with masking checks.
 
 One entry point, :func:`evaluate_robustness`, used after training and by ``darht evaluate``. It
-returns the ``metrics.json`` dict of CLI.md: per-attack accuracy, the per-sample worst case over
+returns the ``metrics.json`` dict of docs/cli.md: per-attack accuracy, the per-sample worst case over
 every attack run, and gradient-masking flags in the spirit of AutoAttack's ``checks.py``.
 
 Attacks (L∞, images in [0, 1], the model in eval mode):

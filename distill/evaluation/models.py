@@ -8,7 +8,9 @@ Where the model comes from (one of):
   ``student_kwargs``, ``num_teachers``) for weights without one;
 - ``model`` = a weights file with ``arch`` (and ``model_kwargs``): a plain timm model (no
   normalization), or, without ``arch``, the pool entry ``W.yaml`` written beside the weights by
-  ``darht train-teacher``.
+  ``darht train-teacher``;
+- ``model`` = ``hf-hub:ORG/NAME[@rev]`` or ``local-dir:PATH``: that pretrained timm model, as the
+  pool entry ``{arch: MODEL, pretrained: true}`` builds it (its own size and normalization inside).
 
 Example:
     >>> check_model_source(None, None, "vit_a")
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["load_model", "check_model_source", "load_run_student", "load_weights_model"]
+__all__ = ["load_model", "check_model_source", "is_model_name", "load_run_student", "load_weights_model"]
 
 logger = logging.getLogger("distill.evaluation")
 
@@ -56,6 +58,11 @@ def load_model(model: str | Path | None, pool: str | Path | None, name: str | No
         if pool is not None and names else {}
     if name is not None:
         net, described = models[name], f"{pool}:{name}"
+    elif is_model_name(model):
+        from transfer_analysis.models import PoolEntry, build_pool_model
+
+        entry = PoolEntry(name="model", arch=str(model), kwargs=dict(model_kwargs or {}), pretrained=True)
+        net, described = build_pool_model(entry, num_classes, in_chans, image_size, device), str(model)
     elif model_path is not None and model_path.is_dir():
         net, described = load_run_student(model_path, num_classes, in_chans), str(model_path)
     else:
@@ -65,6 +72,16 @@ def load_model(model: str | Path | None, pool: str | Path | None, name: str | No
         described = str(model_path)
     net.to(device).eval().requires_grad_(False)
     return net, described, {s: models[s] for s in sources}
+
+
+def is_model_name(model: str | Path | None) -> bool:
+    """Whether ``model`` is a timm hub or folder name (``hf-hub:...``, ``local-dir:...``), not a path.
+
+    Example:
+        >>> is_model_name("hf-hub:timm/resnet18.a1_in1k"), is_model_name("runs/darht_r18")
+        (True, False)
+    """
+    return isinstance(model, str) and model.startswith(("hf-hub:", "local-dir:"))
 
 
 def check_model_source(model: str | Path | None, pool: str | Path | None, name: str | None, *,
@@ -79,7 +96,10 @@ def check_model_source(model: str | Path | None, pool: str | Path | None, name: 
         raise UserError("nothing to evaluate: give `model` (a run directory or weights) or `pool` with `name`")
     if sources and pool is None:
         raise UserError(f"attack transfer:{sources[0]} needs `pool` holding model {sources[0]!r}")
-    if model is not None:
+    if model is not None and is_model_name(model):
+        if arch is not None:
+            raise UserError(f"`model` {model} names its architecture itself; drop `arch`")
+    elif model is not None:
         path = Path(model)
         if not path.exists():
             raise UserError(f"`model` {path} not found; give a 'darht distill' run directory or a weights file")

@@ -1,7 +1,7 @@
 """Training methods behind one registry: ``create_method(name, **cfg)``, ``list_methods()``.
 
 One module per method, each with its loss, its inner attack and its reduction convention in the
-module docstring (METHODS.md gives the sources):
+module docstring (docs/methods.md gives the sources):
 
 ========== ============================================================================
 standard   clean cross-entropy (teachers, clean baselines)

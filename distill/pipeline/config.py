@@ -7,7 +7,7 @@ A study config is one YAML file (see ``experiments/configs/``)::
     seed: 0
     eps: 0.1                      # the budget everywhere (teacher training, matrix, students, evaluation)
     train_subset: 10000           # seeded class-balanced training images for every training stage (null: all)
-    pool:                         # pool entries (DESIGN.md schema) plus `train:` for teachers made here
+    pool:                         # pool entries (the pool schema of docs/design.md) plus `train:` for teachers made here
       - {name: cnn_a, arch: resnet18_cifar, kwargs: {width: 16}, family: cnn,
          train: {method: fast-at, epochs: 3}}
     matrix: {n_samples: 1000, attack: pgd, steps: 10}
@@ -145,7 +145,7 @@ def validate_study_config(raw: Any, source: str = "config") -> dict[str, Any]:
 
 
 def _check_pool_section(cfg: dict[str, Any], source: str) -> tuple[list[str], dict[str, str | None]]:
-    """``pool``: the DESIGN.md schema plus ``train:`` (a teacher made here); the names and families."""
+    """``pool``: the pool schema (docs/design.md) plus ``train:`` (a teacher made here); the names and families."""
     if not isinstance(cfg["pool"], list) or not cfg["pool"]:
         raise UserError(f"{source}: 'pool' must be a non-empty list of models")
     trains: dict[str, dict[str, Any] | None] = {}

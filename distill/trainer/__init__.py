@@ -7,7 +7,7 @@ autocast on CUDA (attack gradients stay fp32: ``pgd_attack`` turns autocast off)
 channels_last and ``torch.compile``. Each method's ``step`` returns named loss parts; all of them
 are logged.
 
-The run directory (CLI.md, ``darht distill``):
+The run directory (docs/cli.md, ``darht distill``):
 
 - ``config.yaml``: the resolved configuration (every :class:`TrainConfig` field, plus a
   ``resolved`` section: the method's full hyperparameters, the student's spec, the dataset);

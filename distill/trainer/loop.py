@@ -301,6 +301,9 @@ def _setup(cfg: TrainConfig, method: Method, out: Path, *, resume: bool, force: 
     world, rank = dist_utils.world_size(), dist_utils.rank()
     device = dist_utils.rank_device(resolve_device(cfg.device))
     data = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_root, download=cfg.download)
+    if not data.has_train:
+        raise UserError(f"dataset {cfg.dataset} has no training split (an image folder without train/ and val/ "
+                        "sub-folders is a test-only set: darht matrix, evaluate and recommend only)")
     teacher_models = _load_teachers(cfg, method, data, device, teachers)
     if cfg.batch_size > len(data.y_train):
         raise UserError(f"batch size {cfg.batch_size} exceeds the {len(data.y_train)} training images; lower "
@@ -351,14 +354,37 @@ def _setup(cfg: TrainConfig, method: Method, out: Path, *, resume: bool, force: 
     return s
 
 
+def _pretrained_preprocessing(arch: str, student_kwargs: dict[str, Any], in_chans: int,
+                              ) -> tuple[list[float] | None, list[float] | None]:
+    """A pretrained student's own mean/std (and, unless given, its input size, set in
+    ``student_kwargs``): fine-tuning keeps the preprocessing the weights were trained with."""
+    from transfer_analysis.models import pretrained_config
+
+    cfg = pretrained_config(arch, f"student {arch}")
+    if "input_size" not in student_kwargs and cfg.get("input_size"):
+        student_kwargs["input_size"] = list(cfg["input_size"][-2:])
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None or std is None:
+        return None, None
+    mean, std = [float(v) for v in mean], [float(v) for v in std]
+    if len(mean) != in_chans:  # timm folds RGB filters into one channel for gray data: one constant
+        mean, std = [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans
+    logger.info("student %s starts from pretrained weights: its mean %s, std %s, input size %s", arch, mean, std,
+                student_kwargs.get("input_size"))
+    return mean, std
+
+
 def _build_student(cfg: TrainConfig, method: Method, data: ImageDataset, device: torch.device,
                    teacher_models: Mapping[str, nn.Module]) -> tuple[Student, Any, bool]:
     """The seeded student on ``device`` (and its EMA), the teachers moved there; whether AMP is on."""
     seed_everything(cfg.seed)
-    mean, std = data.channel_stats() if cfg.normalize else (None, None)
     num_teachers = len(teacher_models) if method.uses_feature_map else 0
     student_kwargs = merge_implied_kwargs(cfg.student_kwargs, "student_kwargs", in_chans=data.in_chans,
                                           num_classes=data.num_classes)
+    mean, std = _pretrained_preprocessing(cfg.student, student_kwargs, data.in_chans) \
+        if student_kwargs.get("pretrained") else (None, None)
+    if mean is None and cfg.normalize:
+        mean, std = data.channel_stats()
     student = build_student(cfg.student, data.num_classes, num_teachers, in_chans=data.in_chans,
                             image_size=data.image_size, mean=mean, std=std, **student_kwargs)
     student.to(device)

@@ -1,5 +1,5 @@
 """Start-up time of the command line: each subcommand's `--help`, a refusal and a `recommend` run,
-next to a bare `import torch` (issue 13). Each figure is the best of a few fresh interpreters.
+next to a bare `import torch`. Each figure is the best of a few fresh interpreters.
 
     python experiments/benchmarks/bench_startup.py [--repeat 3]
 

@@ -1,4 +1,4 @@
-"""One prepared check of every CUDA path, for the few minutes a GPU is lent (issue 13).
+"""One prepared check of every CUDA path, short enough for a brief slot on a shared GPU.
 
     bash experiments/benchmarks/gpu_check.sh             # on the GPU machine: under 8 minutes on one GPU
     bash experiments/benchmarks/gpu_check.sh --dry-run   # the same steps, tiny, on the CPU (tested)

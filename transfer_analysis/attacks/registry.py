@@ -71,7 +71,7 @@ _EPS_PARAMS = ("eps", "max_epsilon")
 _STEPS_PARAMS = ("steps", "num_iter_set", "nb_iter")
 _STEP_SIZE_PARAMS = ("alpha",)
 # torchattacks classes whose defaults differ from the standard AutoAttack that their names promise:
-# refused in this registry (the matrix), which would run them as they are (issue 13)
+# refused in this registry (the matrix), which would run them as they are
 _NOT_STANDARD = {"autoattack": "10 APGD iterations, not 100, and no version='standard' checks",
                  "square": "torchattacks' rescaled Square schedule, not AutoAttack's 5000-query Square"}
 # torchattacks classes with an ε that is not an L∞ radius, and wrappers that take no model/ε.

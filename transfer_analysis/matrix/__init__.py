@@ -4,7 +4,7 @@ Modules: :mod:`.metrics` (the metrics and the Wilson interval), :mod:`.result`
 (:class:`TransferResult`), :mod:`.engine` (:func:`transfer_matrix`) and :mod:`.run`
 (:func:`run_matrix`, the run directory).
 
-For source s and target t on n images, the engine keeps four booleans per sample (DESIGN.md,
+For source s and target t on n images, the engine keeps four booleans per sample (docs/design.md,
 Transferability): ``cs``/``ct`` (s/t classify the clean image correctly), ``fs`` (s is fooled by
 its own ``x_adv_s``) and ``ft`` (t is fooled by ``x_adv_s``). Every metric is computed from them:
 

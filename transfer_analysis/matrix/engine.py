@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -89,32 +90,44 @@ class _Placement:
         self.pool, self.device, self.budget = pool, device, budget
         self.home: dict[str, torch.device] = {}
         self.size: dict[str, int] = {}
-        self.resident: OrderedDict[str, nn.Module] = OrderedDict()
+        # weak references: a model the pool lets go of is freed (and its device memory with it)
+        self.resident: OrderedDict[str, weakref.ref] = OrderedDict()
+
+    def _alive(self) -> None:
+        for name in [n for n, ref in self.resident.items() if ref() is None]:
+            del self.resident[name]
 
     def use(self, name: str) -> nn.Module:
         model = self.pool[name]
-        if self.resident.get(name) is model:
+        ref = self.resident.get(name)
+        if ref is not None and ref() is model:
             self.resident.move_to_end(name)
             return model
         self.resident.pop(name, None)  # a stale object the pool has let go of
+        self._alive()
         self.home.setdefault(name, model_device(model))
         self.size[name] = _model_bytes(model)
         if self.budget is not None:
             while self.resident and sum(self.size[n] for n in self.resident) + self.size[name] > self.budget:
-                old, old_model = self.resident.popitem(last=False)
-                old_model.to("cpu")
+                old, old_ref = self.resident.popitem(last=False)
+                old_model = old_ref()
+                if old_model is not None:
+                    old_model.to("cpu")
         model.to(self.device)
-        self.resident[name] = model
+        self.resident[name] = weakref.ref(model)
         return model
 
     def is_resident(self, name: str) -> bool:
         """On the device now, or at least held in memory by a lazy pool (no rebuild)."""
+        self._alive()
         held = getattr(self.pool, "held", None)
         return name in self.resident or (callable(held) and name in held())
 
     def release(self) -> None:
-        for name, model in list(self.resident.items()):
-            model.to(self.home.get(name, "cpu"))
+        for name, ref in list(self.resident.items()):
+            model = ref()
+            if model is not None:
+                model.to(self.home.get(name, "cpu"))
         self.resident.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

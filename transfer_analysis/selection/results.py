@@ -150,7 +150,7 @@ class Recommendation:
         return self.sets[0]
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``rec.json`` content (see CLI.md)."""
+        """The ``rec.json`` content (docs/cli.md)."""
         return {
             "objective": self.objective.value,
             "pair": self.pair.value,
