@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import distill.evaluation as ev
-from distill.attacks import pgd_attack
+from transfer_analysis.attacks import pgd_attack
 from distill.evaluation import (
     AUTOATTACK_FAST,
     AUTOATTACK_STANDARD,

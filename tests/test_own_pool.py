@@ -312,3 +312,13 @@ def test_train_teacher_fine_tunes_a_pretrained_model_at_its_own_size(world, tmp_
     tuned = load_file(str(tmp_path / "ft.safetensors"))
     key = next(k for k, v in start.items() if v.ndim == 4)  # the first convolution
     assert torch.corrcoef(torch.stack([start[key].flatten(), tuned[key].flatten()]))[0, 1] > 0.9
+
+
+def test_the_imagenet_pool_config_is_valid_and_keeps_every_head():
+    from transfer_analysis.models import pretrained_config, read_pool_config
+
+    entries = read_pool_config(Path(__file__).resolve().parents[1] / "experiments" / "configs" / "imagenet-timm.yaml")
+    assert len(entries) >= 6 and len({e.family for e in entries}) >= 4
+    for e in entries:  # offline: timm's registry knows each pretrained config without downloading
+        cfg = pretrained_config(e.arch)
+        assert e.pretrained and cfg["num_classes"] == 1000 and cfg["input_size"] == (3, 224, 224), e.name

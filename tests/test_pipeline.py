@@ -90,7 +90,8 @@ def test_runs_expand_over_architectures_and_seeds():
                        "darht-low-transfer-mixer_cifar-s0", "darht-low-transfer-mixer_cifar-s1"]
 
 
-@pytest.mark.parametrize("name", ["quickstart", "fashion-mnist", "cifar10", "cifar100", "tiny-imagenet"])
+@pytest.mark.parametrize("name", ["quickstart", "fashion-mnist", "cifar10", "cifar10-pretrained", "cifar100",
+                                  "tiny-imagenet"])
 def test_shipped_configs_dry_run(name, capsys):
     assert main(["pipeline", "--config", str(CONFIGS / f"{name}.yaml"), "--dry-run"]) == 0
     plan = capsys.readouterr().out
@@ -104,7 +105,11 @@ def test_paper_configs_follow_the_protocol():
         assert set(cfg["students"]["archs"]) == {"resnet18_cifar", "mobilenetv2_cifar"}
         assert {p["family"] for p in cfg["pool"]} >= {"cnn", "transformer", "mlp"}
         assert all(p["train"]["method"] == "pgd-at" for p in cfg["pool"])
-        assert cfg["students"]["epochs"] == 200 and "autoattack" in cfg["evaluation"]["attacks"]
+        epochs = (cfg.get("training") or {}).get("epochs") or cfg["students"]["epochs"]
+        assert epochs == 200 and "autoattack" in cfg["evaluation"]["attacks"]
+    cifar10 = load_study_config(CONFIGS / "cifar10.yaml")  # the one protocol every student runs
+    assert cifar10["training"]["milestones"] == [0.575, 0.8, 0.925] and cifar10["training"]["kl_reduction"] == \
+        "batchmean"
 
 
 @pytest.mark.slow

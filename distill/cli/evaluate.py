@@ -68,7 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--indices", default=None,
                    help="evaluate on the test indices saved in this JSON file (overrides --n-samples)")
     p.add_argument("--attacks", default="clean,fgsm,pgd20,cw,autoattack",
-                   help="comma-separated: clean, fgsm, pgd20 (pgdN), cw (cwN), autoattack, autoattack-fast, "
+                   help="comma-separated: clean, fgsm, pgd20 (pgdN), cw (cwN), autoattack, autoattack-rand, "
+                        "autoattack-fast (non-standard), "
                         "transfer:NAME (default: clean,fgsm,pgd20,cw,autoattack)")
     p.add_argument("--attack-samples", default=None, metavar="ATTACK=N[,ATTACK=N]",
                    help="run an expensive attack on a seeded class-balanced part of the samples only, e.g. "

@@ -126,7 +126,10 @@ def _stage_pool(cfg: Mapping[str, Any], out: Path, train_ds: Any, device: str, *
                         f"{train['epochs']} epochs ({i + 1}/{len(cfg['pool'])})")
                 t0 = time.time()
                 train_teacher(
-                    spec["arch"], train_ds, weights, method=train["method"], model_kwargs=spec.get("kwargs") or {},
+                    spec["arch"], train_ds, weights, method=train["method"],
+                    # pretrained: true with train: fine-tunes the pretrained weights (a new head for the data)
+                    model_kwargs={**(spec.get("kwargs") or {}), **({"pretrained": True} if spec.get("pretrained")
+                                                                   else {})},
                     epochs=train["epochs"], eps=train["eps_value"], batch_size=train["batch_size"] or cfg["batch_size"],
                     lr=train["lr"], optimizer=train["optimizer"], weight_decay=train["weight_decay"],
                     name=spec["name"], family=spec.get("family"),
@@ -143,6 +146,8 @@ def _stage_pool(cfg: Mapping[str, Any], out: Path, train_ds: Any, device: str, *
             # so the run directory can be moved as a whole
             entry["checkpoint"] = os.path.relpath(written.parent / entry["checkpoint"], out)
             entry["training"] = f"{train['method']} x{train['epochs']} (eps {train['eps_value']:g})"
+            for key in ("pretrained", "pretrained_file", "num_classes"):  # the checkpoint holds every weight
+                entry.pop(key, None)
         PoolEntry(**entry)  # same schema as any pool file
         entries.append(entry)
     if only is not None:
@@ -390,9 +395,9 @@ def _dry_run_checks(cfg: Mapping[str, Any]) -> None:
         if entry.checkpoint and not Path(entry.checkpoint).is_file():
             raise UserError(f"pool model {entry.name!r}: checkpoint not found: {entry.checkpoint}")
         entry.checkpoint = None  # shapes only: the weights are checked when the run loads them
-        entry.pretrained = False
+        entry.pretrained, entry.pretrained_file, entry.num_classes = False, None, None
         with torch.random.fork_rng(devices=[]):
-            build_pool_model(entry, classes, in_chans, size)
+            build_pool_model(entry, classes, in_chans, size, warn_random=False)
     n_teachers = max((cfg["recommend"]["k"] if r["teacher_set"] != "single" else 1) for r in cfg["students"]["runs"])
     for arch in cfg["students"]["archs"]:
         with torch.random.fork_rng(devices=[]):
