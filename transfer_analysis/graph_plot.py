@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Sequence
@@ -72,9 +71,9 @@ def render_transfer_graph(graph: nx.Graph, highlight: Sequence[str] = (), title:
     _draw_legend(fig, graph, sm, fam_color, chosen)
     if title:
         fig.suptitle(title, fontsize=12, x=0.42)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
+    from . import plots
+
+    return plots.figure_bytes(fig, "png", dpi=dpi)
 
 
 def _draw_edges(ax: Any, graph: nx.Graph, pos: dict[str, Any], chosen: set[str], max_edges: int) -> Any:

@@ -16,13 +16,84 @@ import io
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .utils import atomic_write
 
-__all__ = ["plot_heatmap"]
+__all__ = ["plot_heatmap", "figure_bytes", "save_figure", "texts_outside"]
+
+#: margin around the tight bounding box of a saved figure, in inches
+PAD_INCHES = 0.08
+
+
+def figure_bytes(fig: Any, fmt: str = "png", dpi: float | None = None) -> bytes:
+    """A figure rendered with a tight bounding box: every artist, text included, is inside the
+    image by construction (a footnote or a long label widens the image, it is never cut).
+
+    Every picture of the toolkit is written through this function (or :func:`save_figure`).
+
+    Example:
+        >>> from matplotlib.figure import Figure
+        >>> from matplotlib.backends.backend_agg import FigureCanvasAgg
+        >>> fig = Figure(figsize=(2, 1)); _ = FigureCanvasAgg(fig)
+        >>> _ = fig.text(1.5, 0.5, "far to the right of the figure")
+        >>> texts_outside(fig, tight=False), texts_outside(fig, tight=True)
+        (['far to the right of the figure'], [])
+    """
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=PAD_INCHES)
+    return buf.getvalue()
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: float | None = None) -> Path:
+    """Write ``fig`` atomically to ``path`` (format from the suffix) with :func:`figure_bytes`."""
+    path = Path(path)
+    data = figure_bytes(fig, path.suffix.lstrip(".") or "png", dpi)
+    with atomic_write(path, "wb") as fh:
+        fh.write(data)
+    return path
+
+
+def texts_outside(fig: Any, tight: bool) -> list[str]:
+    """The texts ``fig`` draws that reach past the region a save keeps: the tight bounding box
+    (``tight``, as :func:`figure_bytes` saves) or the figure itself (a plain ``savefig``). A
+    check for tests: the figure is drawn once and every text actually drawn is measured (tick
+    labels outside the view limits exist as artists but are never drawn).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    if not hasattr(fig.canvas, "get_renderer"):
+        FigureCanvasAgg(fig)
+    drawn: list[tuple[str, Any]] = []
+    original = Text.draw
+
+    def record(self: Text, renderer: Any) -> None:
+        original(self, renderer)
+        if self.get_visible() and self.get_text().strip():
+            drawn.append((self.get_text(), self.get_window_extent(renderer)))
+
+    Text.draw = record
+    try:
+        fig.canvas.draw()
+    finally:
+        Text.draw = original
+    renderer = fig.canvas.get_renderer()
+    w, h = fig.get_size_inches()
+    saved = fig.get_tightbbox(renderer).padded(PAD_INCHES) if tight else Bbox.from_bounds(0, 0, w, h)
+    out = []
+    for text, extent in drawn:
+        box = extent.transformed(fig.dpi_scale_trans.inverted())
+        if box.width == 0 and box.height == 0:
+            continue
+        if box.x0 < saved.x0 - 1e-6 or box.y0 < saved.y0 - 1e-6 or box.x1 > saved.x1 + 1e-6 or \
+                box.y1 > saved.y1 + 1e-6:
+            out.append(text)
+    return out
 
 
 def plot_heatmap(matrix: pd.DataFrame, path: str | os.PathLike, title: str | None = None,
@@ -45,9 +116,11 @@ def plot_heatmap(matrix: pd.DataFrame, path: str | os.PathLike, title: str | Non
         cmap: matplotlib colour map name.
         annotate: write each cell's value.
         dpi: resolution.
-        diagonal: values drawn on the diagonal instead of the matrix's own (for ``transfer_rate``,
-            whose diagonal is 1 by definition: the white-box success rate); those cells are
-            outlined and a note under the figure names them ``diagonal_label``.
+        diagonal: values written on the diagonal instead of the matrix's own (for ``transfer_rate``,
+            whose diagonal is 1 by definition: the white-box success rate). They are another
+            quantity, so those cells are hatched, carry their number, and stay off the colour
+            scale (the colour bar is the off-diagonal cells' only); a note under the figure names
+            them ``diagonal_label``.
 
     Returns:
         The path written.
@@ -74,7 +147,10 @@ def plot_heatmap(matrix: pd.DataFrame, path: str | os.PathLike, title: str | Non
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     colour_map = colormaps[cmap].with_extremes(bad="#d0d0d0")
-    masked = np.ma.masked_invalid(values)
+    shown = values.copy()
+    if diagonal is not None:
+        np.fill_diagonal(shown, np.nan)  # not on the transfer-rate colour scale
+    masked = np.ma.masked_invalid(shown)
     image = ax.imshow(masked, cmap=colour_map, vmin=vmin, vmax=vmax, aspect="equal", interpolation="nearest")
     ax.set_xticks(range(n_cols))
     ax.set_yticks(range(n_rows))
@@ -91,6 +167,8 @@ def plot_heatmap(matrix: pd.DataFrame, path: str | os.PathLike, title: str | Non
         for i in range(n_rows):
             for j in range(n_cols):
                 v = values[i, j]
+                if diagonal is not None and i == j:
+                    continue  # written with its hatching below
                 if math.isnan(v):
                     ax.text(j, i, "-", ha="center", va="center", fontsize=annot_size, color="#505050")
                     continue
@@ -102,19 +180,19 @@ def plot_heatmap(matrix: pd.DataFrame, path: str | os.PathLike, title: str | Non
         from matplotlib.patches import Rectangle
 
         for i in range(n_rows):
-            ax.add_patch(Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.4,
-                                   linestyle="--"))
-        fig.text(0.01, 0.01, f"outlined diagonal: {diagonal_label} (the conditional rate there is 1 by definition)",
-                 fontsize=max(6, label_size - 2), ha="left", va="bottom")
+            ax.add_patch(Rectangle((i - 0.5, i - 0.5), 1, 1, facecolor="white", edgecolor="#707070", hatch="///",
+                                   linewidth=0.8, zorder=2))
+            v = values[i, i]
+            ax.text(i, i, "-" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=annot_size,
+                    color="black", fontweight="bold", zorder=3,
+                    bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none"})
+        fig.text(0.01, 0.0, f"hatched diagonal: {diagonal_label}, not on the colour scale\n"
+                 "(the conditional transfer rate there is 1 by definition)",
+                 fontsize=max(6, label_size - 2), ha="left", va="top")
     bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     bar.set_label(colorbar_label, fontsize=label_size)
     bar.ax.tick_params(labelsize=label_size)
     if title:
         ax.set_title(title, fontsize=label_size + 1)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    path = Path(path)
-    with atomic_write(path, "wb") as fh:
-        fh.write(buf.getvalue())
-    return path
+    return save_figure(fig, path, dpi=dpi)  # looked up at call time: tests may wrap it

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from transfer_analysis.utils import atomic_write, atomic_write_json, atomic_write_text
+from transfer_analysis.utils import atomic_write_json, atomic_write_text
 
 __all__ = ["CONVERGENCE_WINDOW", "CONVERGENCE_THRESHOLD", "SCORES", "CLAIM_ATTACKS", "SET_STUDY_COLUMNS",
            "convergence", "student_protocol", "spearman_ci", "partial_spearman_ci", "claim_statistics",
@@ -305,8 +305,9 @@ def plot_claim(sets: pd.DataFrame, path: Path, baselines: Mapping[str, float] | 
     fig.suptitle("Teacher-set transferability vs student robustness (points: sets, bars: std over seeds)",
                  fontsize=10)
     fig.tight_layout()
-    with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format="png")
+    from transfer_analysis import plots
+
+    plots.save_figure(fig, path)
     plt.close(fig)
     return path
 

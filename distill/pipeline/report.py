@@ -81,8 +81,9 @@ def plot_robustness_vs_accuracy(students: pd.DataFrame, path: Path, robust_col: 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format=path.suffix.lstrip(".") or "png")
+    from transfer_analysis import plots
+
+    plots.save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -116,8 +117,9 @@ def plot_training_curves(run_dirs: Mapping[str, Path], path: Path) -> Path | Non
         seen.setdefault(lab, h)
     axes[1].legend(seen.values(), seen.keys(), fontsize=7, loc="best")
     fig.tight_layout()
-    with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format=path.suffix.lstrip(".") or "png")
+    from transfer_analysis import plots
+
+    plots.save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -196,13 +198,46 @@ def _known(x: Any) -> bool:
     return x is not None and not math.isnan(x)
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``"1 teacher set"``, ``"3 teacher sets"``: a count read back as a person writes it.
+
+    Example:
+        >>> plural(1, "teacher set"), plural(18, "teacher set"), plural(2, "student", "students")
+        ('1 teacher set', '18 teacher sets', '2 students')
+    """
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+#: the study whose report holds a claim verdict, pointed to from smoke tests
+CLAIM_STUDY = ("experiments/configs/fashion-mnist.yaml", "results/fashion-mnist/report.md")
+
+
+def claim_summary_sentence(claim: Mapping[str, Any]) -> str:
+    """The claim section's first sentence: the verdict, or, for a study too small to test it (a
+    smoke test such as the quickstart), one plain sentence saying so and where the claim is tested.
+
+    Example:
+        >>> claim_summary_sentence({"verdict": "not tested", "statement": "", "n_sets": 1, "n_students": 1})[:60]
+        'This study has 1 teacher set (1 converged DARHT student): to'
+    """
+    if claim["verdict"] != "not tested":
+        return f"**Verdict: {claim['verdict']}.** {claim['statement']}"
+    return (f"This study has {plural(int(claim['n_sets']), 'teacher set')} "
+            f"({plural(int(claim['n_students']), 'converged DARHT student')}): too few to test the claim, which "
+            "needs a correlation over many sets. A study this small is a smoke test of every stage; the claim is "
+            f"tested by a study such as `{CLAIM_STUDY[0]}`, whose committed report and verdict are in "
+            f"[`{CLAIM_STUDY[1]}`]({CLAIM_STUDY[1]}).")
+
+
 def _claim_lines(claim: Mapping[str, Any], out: Path) -> list[str]:
     lines = ["## The claim: do lower-transfer teacher sets give more robust students?", "",
-             f"**Verdict: {claim['verdict']}.** {claim['statement']}", "",
-             f"Over {claim['n_sets']} teacher sets ({claim['n_students']} converged DARHT students; per-set means "
-             f"over seeds). Bootstrap: {claim['bootstrap']['resamples']} resamples of the sets, percentile 95% CI. "
-             "The claim predicts a negative rho. `partial_*`: controlling for the set's mean teacher white-box "
-             "robust accuracy. Files: `claim.json`, `set_study.csv` (one row per student), `claim_sets.csv`."]
+             claim_summary_sentence(claim), ""]
+    if claim["verdict"] != "not tested":
+        lines += [f"Over {plural(int(claim['n_sets']), 'teacher set')} "
+                  f"({plural(int(claim['n_students']), 'converged DARHT student')}; per-set means over seeds). "
+                  f"Bootstrap: {claim['bootstrap']['resamples']} resamples of the sets, percentile 95% CI. The claim "
+                  "predicts a negative rho. `partial_*`: controlling for the set's mean teacher white-box robust "
+                  "accuracy. Files: `claim.json`, `set_study.csv` (one row per student), `claim_sets.csv`."]
     rows = []
     for key, v in claim.items():
         if isinstance(v, Mapping) and "rho" in v:
@@ -359,8 +394,8 @@ def _students_lines(cfg: Mapping[str, Any], students: pd.DataFrame, summary: pd.
                       "no conclusion below is drawn from these labels): "
                       + ", ".join(f"{r.id} ({_fmt(r.pgd_change_last_epochs)})" for r in bad.itertuples()) + ".", ""]
         else:
-            lines += ["Every student converged (test PGD accuracy moved by less than 3 points over its last two "
-                      "epochs).", ""]
+            who = "The student" if len(students) == 1 else f"Every one of the {len(students)} students"
+            lines += [f"{who} converged (test PGD accuracy moved by less than 3 points over the last two epochs).", ""]
     lines += ["Mean ± standard deviation over seeds:", ""]
     table = []
     for row in summary.itertuples():
@@ -376,6 +411,42 @@ def _students_lines(cfg: Mapping[str, Any], students: pd.DataFrame, summary: pd.
         lines += ["![training curves](training_curves.png)", ""]
 
     return lines, unconverged
+
+
+ANCHOR = "darht-low-transfer"
+
+
+def comparison_sentences(summary: pd.DataFrame, robust_col: str, unconverged: set[str]) -> list[str]:
+    """The comparisons of "what the numbers show": the converged low-transfer DARHT student against
+    every other converged named student, or one sentence saying why there is nothing to compare.
+
+    Example:
+        >>> one = pd.DataFrame({"label": ["darht-low-transfer"], "teacher_set": ["low-transfer"],
+        ...                     "pgd20_acc_mean": [0.5], "pgd20_acc_std": [0.01]})
+        >>> comparison_sentences(one, "pgd20_acc", set())
+        ['- darht-low-transfer is the only student here: there is nothing to compare it with (the study
+        configs add the high-transfer, homogeneous and single-teacher students and the baselines).']
+    """
+    labels = list(summary["label"])
+    sets = summary.set_index("label")["teacher_set"]
+    others = [lab for lab in labels if lab != ANCHOR and lab not in unconverged and sets[lab] != "sampled"]
+    if ANCHOR in labels and ANCHOR in unconverged:
+        return [f"- The {ANCHOR} student did not converge, so the others are not compared with it."]
+    if ANCHOR not in labels:
+        kinds = ", ".join(labels)
+        return [f"- No {ANCHOR} student in this study ({kinds}): the comparisons below it are not made."]
+    if not others:
+        alone = "the only student here" if len(labels) == 1 else "the only named student here"
+        return [f"- {ANCHOR} is {alone}: there is nothing to compare it with (the study configs add the "
+                "high-transfer, homogeneous and single-teacher students and the baselines)."]
+    out = []
+    for other in [lab for lab in others if lab.startswith("darht-")] + [lab for lab in others
+                                                                         if not lab.startswith("darht-")]:
+        for col in (robust_col, "clean_acc"):
+            sentence = _compare(summary, ANCHOR, other, col)
+            if sentence:
+                out.append(sentence)
+    return out
 
 
 def _findings_lines(summary: pd.DataFrame, students: pd.DataFrame, rec: Mapping[str, Any], acc: pd.DataFrame | None,
@@ -395,24 +466,9 @@ def _findings_lines(summary: pd.DataFrame, students: pd.DataFrame, rec: Mapping[
             statements.append("- Weak pool models (clean accuracy below 0.5): " + ", ".join(weak) + ". Transfer rates "
                               "to and from them rest on few images (see `n` in `transfer_long.csv`), and a set that "
                               "contains them may be low-transfer because they are weak, not because they are diverse.")
-    anchor = "darht-low-transfer" if "darht-low-transfer" in labels and "darht-low-transfer" not in unconverged \
-        else None
-    others = [lab for lab in labels if lab != anchor and lab not in unconverged
-              and not summary.set_index("label").loc[lab, "teacher_set"] == "sampled"]
-    if anchor and others:
-        for other in [lab for lab in others if lab.startswith("darht-")] + \
-                [lab for lab in others if not lab.startswith("darht-")]:
-            for col in (robust_col, "clean_acc"):
-                sentence = _compare(summary, anchor, other, col)
-                if sentence:
-                    statements.append(sentence)
-    else:
-        statements.append("- No converged darht-low-transfer student to compare the others with."
-                          if "darht-low-transfer" in labels else
-                          f"- One kind of student only ({', '.join(labels)}): nothing to compare it with here; "
-                          "the study configs add the high-transfer, homogeneous and single-teacher baselines.")
+    statements += comparison_sentences(summary, robust_col, unconverged)
     lines += statements
-    if claim is not None:
+    if claim is not None and claim["verdict"] != "not tested":
         lines += ["", f"The claim, tested over every converged DARHT student (next section): **{claim['verdict']}**."]
     elif "darht-low-transfer" in labels and "darht-high-transfer" in labels \
             and not {"darht-low-transfer", "darht-high-transfer"} & unconverged:
