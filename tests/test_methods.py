@@ -188,7 +188,7 @@ def test_darht_skips_teacher_forwards_in_the_ce_phase_unless_asked(batch) -> Non
     x, y = batch
     for log_kd, calls in ((False, 0), (True, 1)):
         spy = _Spy(_teacher(0))
-        method = create_method("darht", eps=0.05, steps=1, p_adv=0.0, teachers_in_ce_phase=log_kd)
+        method = create_method("darht", eps=0.05, steps=1, p_adv=0.0, teachers_in_ce_phase=log_kd, schedule="reference")
         method.bind({"spy": spy})
         method.on_epoch_start(0, 4, 0.1, 0.1)
         parts = method.step(_student("darht", 1), x, y)
@@ -197,11 +197,18 @@ def test_darht_skips_teacher_forwards_in_the_ce_phase_unless_asked(batch) -> Non
 
 
 def test_darht_phase_schedule() -> None:
-    m = create_method("darht")
-    assert m.phase_bounds(200) == (50, 118)
+    m = create_method("darht", schedule="reference")
+    assert m.phase_bounds(200) == (50, 118) and m.p_adv == 0.5
     assert [m.phase_for(e, 10) for e in range(10)] == ["ce"] * 3 + ["ce+kd"] * 3 + ["kd"] * 4
     m2 = create_method("darht", phase_epochs=[1, 2])
     assert [m2.phase_for(e, 10) for e in range(4)] == ["ce", "ce+kd", "kd", "kd"]
+    # the budget schedule (default): the evaluated classifier gets CE in every epoch, every batch adversarial
+    b = create_method("darht")
+    assert b.schedule == "budget" and b.p_adv == 1.0 and {b.phase_for(e, 8) for e in range(8)} == {"ce+kd"}
+    assert create_method("darht", p_adv=0.5).p_adv == 0.5  # an explicit value wins over the schedule's
+    assert create_method("darht", schedule="reference", phases=[0.0, 1.0]).phase_bounds(8) == (0, 8)
+    with pytest.raises(UserError, match="schedule must be one of reference, budget"):
+        create_method("darht", schedule="fast")
 
 
 def test_reduction_conventions(batch, pretrained_teachers) -> None:

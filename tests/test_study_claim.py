@@ -215,3 +215,72 @@ def test_nan_cell_defers_to_the_other_direction_in_the_whole_ranking():
         rec = select_teachers(T, k=2, objective=objective, top=3)
         assert [s.teachers for s in rec.sets] == [("a", "b"), ("a", "c"), ("b", "c")], objective
         assert [s.max_pair for s in rec.sets] == pytest.approx([0.5, 0.6, 0.7])
+
+
+# ------------------------------------------------------------------ preconditions, power and ties
+def _committed():
+    from pathlib import Path
+
+    study = Path(__file__).resolve().parents[1] / "results" / "fashion-mnist"
+    models = pd.read_csv(study / "models.csv")
+    return (pd.read_csv(study / "students_detail.csv"), pd.read_csv(study / "claim_sets.csv"),
+            dict(zip(models["model"], models["whitebox_robust_acc"])))
+
+
+def test_ties_rank_as_ties_on_the_committed_study():
+    from distill.pipeline.claim import spearman_ci
+
+    _, sets, _ = _committed()
+    # the per-set means carry float noise (0.5466666666666667 vs ...666): ranked raw, rho was -0.156
+    assert spearman_ci(sets["max_pair"], sets["pgd20_mean"], n_boot=50)["rho"] == pytest.approx(-0.1519, abs=1e-4)
+
+
+def test_the_committed_study_is_inconclusive_with_its_failed_preconditions():
+    from distill.pipeline.claim import claim_statistics, claim_verdict, preconditions
+
+    students, sets, teachers = _committed()
+    pre = preconditions(students, sets, teachers, "matrix")
+    assert pre["teacher_gap"]["best"] == pytest.approx(0.657 - students[students.method == "pgd-at"].pgd20_acc.mean())
+    assert pre["distillation_gain"]["label"] == "rslad-single" and pre["distillation_gain"]["ci_low"] < 0
+    assert [f.split(":")[0] for f in pre["failed"]] == ["teacher gap", "distillation gain", "power"]
+    assert pre["power"]["n_sets"] == 18 and pre["power"]["mde_rho"] == pytest.approx(0.619, abs=1e-3)
+    verdict, sentence = claim_verdict(claim_statistics(sets, n_boot=200), pre)
+    assert verdict == "inconclusive" and "teacher gap" in sentence
+
+
+def test_a_powered_study_in_the_right_regime_that_sees_nothing_is_not_supported():
+    from distill.pipeline.claim import claim_statistics, claim_verdict, preconditions
+
+    rng = np.random.default_rng(0)
+    n_sets, seeds = 40, 5
+    rows, sets = [], []
+    for s in range(seeds):
+        rows.append({"method": "pgd-at", "teacher_set": "none", "label": "pgd-at-none", "seed": s,
+                     "pgd20_acc": 0.58 + 0.002 * rng.standard_normal()})
+        rows.append({"method": "rslad", "teacher_set": "single", "label": "rslad-single", "seed": s,
+                     "pgd20_acc": 0.63 + 0.002 * rng.standard_normal()})
+    for i in range(n_sets):
+        sets.append({"set_id": f"s{i}", "max_pair": 0.1 + 0.01 * i, "mean_pair": 0.1 + 0.01 * i,
+                     "mean_teacher_robust_acc": 0.7 + 0.001 * (i % 3), "n_seeds": seeds,
+                     "pgd20_mean": 0.6 + 0.01 * math.sin(2.4 * i),  # rho -0.04: no effect
+                     "pgd20_std": 0.01})
+    sets = pd.DataFrame(sets)
+    pre = preconditions(pd.DataFrame(rows), sets, {"a": 0.70, "b": 0.68}, "PGD-20")
+    assert pre["failed"] == [] and pre["power"]["mde_rho"] < 0.5
+    verdict, _ = claim_verdict(claim_statistics(sets, n_boot=200), pre)
+    assert verdict == "not supported"
+
+
+def test_minimal_detectable_rho_has_80_percent_power_by_simulation():
+    from distill.pipeline.claim import minimal_detectable_rho
+    from scipy import stats
+
+    rng = np.random.default_rng(1)
+    n = 30
+    rho = minimal_detectable_rho(n)
+    cov = [[1, rho], [rho, 1]]
+    hits = 0
+    for _ in range(1500):
+        xy = rng.multivariate_normal([0, 0], cov, n)
+        hits += stats.pearsonr(xy[:, 0], xy[:, 1]).pvalue < 0.05
+    assert 0.75 < hits / 1500 < 0.85

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .utils import atomic_write
+from .files import atomic_write
 
 __all__ = ["plot_heatmap", "figure_bytes", "save_figure", "texts_outside"]
 

@@ -3,7 +3,7 @@
 The student carries the student-teacher feature map (``distill.student``): slice k of the map
 stands for teacher k's logits. Per batch ``(x, y)``:
 
-1. With probability ``p_adv`` (0.5) the batch is replaced by adversarial examples: PGD on the
+1. With probability ``p_adv`` the batch is replaced by adversarial examples: PGD on the
    student's *final-logit* cross-entropy, ε, α = ε/4 by default (2/255 at 8/255; the reference
    used 0.003: pass ``alpha: 0.003``), 10 steps, start ``x + 0.001 N(0, I)``, student in eval mode.
    The coin is drawn from torch's global RNG, so it is seeded and resumable.
@@ -13,8 +13,19 @@ stands for teacher k's logits. Per batch ``(x, y)``:
    ``τ² KL(softmax(t_k/τ) || softmax(m_k/τ))`` with **batchmean** reduction (the DARHT reference
    code's; the true KL), or MSE between ``m_k`` and ``t_k``.
 5. Phases by epoch: ``[0, e1)`` CE on the final logits, ``[e1, e2)`` CE + KD, ``[e2, E)`` KD only,
-   with ``e1 = round(0.25 E)``, ``e2 = round(0.59 E)`` (the reference's 50 and 118 of 200), or
-   explicit ``phase_epochs: [e1, e2]``.
+   with ``e1 = round(phases[0] E)``, ``e2 = round(phases[1] E)``, or explicit ``phase_epochs: [e1, e2]``.
+
+**Two schedules** (``schedule``), which set the defaults of ``phases`` and ``p_adv``:
+
+- ``reference``: the paper's, ``phases [0.25, 0.59]`` (its 50 and 118 of 200 epochs) and
+  ``p_adv 0.5``. Those boundaries sit relative to the reference's 200-epoch LR schedule (KD-only
+  starts just after its first decay, at 115). Compressed into a short run they leave the first
+  quarter teacher-free, and a KD-only tail in which the *final* classifier (the evaluated logits)
+  gets no gradient at all, since the KD loss depends on the map only; half the batches are clean.
+- ``budget`` (the default): CE + KD in every epoch (``phases [0, 1]``) and every batch adversarial
+  (``p_adv 1``): the evaluated classifier is trained in every epoch, at every LR of any schedule,
+  and the adversarial signal is the same as PGD-AT's and RSLAD's. These are the only differences
+  from the reference; the loss, the weights, the map and the inner attack are the paper's.
 
 In the CE phase the loss needs no teacher, so their forwards are skipped (``kd`` is logged as 0 and
 the weights as NaN); ``teachers_in_ce_phase: true`` runs them anyway to log ``kd`` and the weights
@@ -28,16 +39,19 @@ the LR for the first epochs, unseeded ``random``.
 
 Example:
     >>> from distill.methods import create_method
-    >>> m = create_method("darht", eps="8/255")
-    >>> m.phase_bounds(200)
-    (50, 118)
+    >>> m = create_method("darht", eps="8/255", schedule="reference")
+    >>> m.phase_bounds(200), m.p_adv
+    ((50, 118), 0.5)
     >>> [m.phase_for(e, 200) for e in (0, 50, 117, 118)]
     ['ce', 'ce+kd', 'ce+kd', 'kd']
+    >>> b = create_method("darht", eps="8/255")
+    >>> b.schedule, b.phase_bounds(8), b.p_adv, [b.phase_for(e, 8) for e in (0, 7)]
+    ('budget', (0, 8), 1.0, ['ce+kd', 'ce+kd'])
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -46,7 +60,13 @@ from distill.losses import KD_LOSSES, WEIGHTINGS, darht_loss
 
 from .base import AdversarialMethod, check_fraction, check_positive, register_method
 
-__all__ = ["DARHT"]
+__all__ = ["DARHT", "SCHEDULES"]
+
+#: the defaults each schedule gives ``phases`` and ``p_adv`` (see the module docstring)
+SCHEDULES: dict[str, dict[str, object]] = {
+    "reference": {"phases": [0.25, 0.59], "p_adv": 0.5},
+    "budget": {"phases": [0.0, 1.0], "p_adv": 1.0},
+}
 
 
 @register_method("darht")
@@ -61,16 +81,19 @@ class DARHT(AdversarialMethod):
                          "batch_size": 256}
 
     start: str = "normal"
-    #: probability that a batch is replaced by its adversarial examples.
-    p_adv: float = 0.5
+    #: ``budget`` (default) or ``reference``: the defaults of ``phases`` and ``p_adv``.
+    schedule: str = "budget"
+    #: probability that a batch is replaced by its adversarial examples (default: the schedule's).
+    p_adv: float | None = None
     #: τ of the KD term.
     temperature: float = 1.0
     #: teacher weighting: exp_ce (paper), uniform (1/K) or softmax (softmax of -CE).
     weighting: str = "exp_ce"
     #: KD distance: kl (paper) or mse.
     kd: str = "kl"
-    #: phase boundaries as fractions of the epochs: CE until the first, CE+KD until the second.
-    phases: list[float] = field(default_factory=lambda: [0.25, 0.59])
+    #: phase boundaries as fractions of the epochs: CE until the first, CE+KD until the second
+    #: (default: the schedule's).
+    phases: list[float] | None = None
     #: explicit phase boundaries in epochs (overrides ``phases``).
     phase_epochs: list[int] | None = None
     #: run the teachers in the CE phase too, to log kd and the weights.
@@ -78,6 +101,12 @@ class DARHT(AdversarialMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._require(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got "
+                      f"{self.schedule!r}")
+        if self.p_adv is None:
+            self.p_adv = float(SCHEDULES[self.schedule]["p_adv"])
+        if self.phases is None:
+            self.phases = list(SCHEDULES[self.schedule]["phases"])
         check_fraction(self, p_adv=self.p_adv)
         check_positive(self, temperature=self.temperature)
         self._require(self.weighting in WEIGHTINGS, f"weighting must be one of {', '.join(WEIGHTINGS)}, "

@@ -37,7 +37,8 @@ from transfer_analysis.utils import atomic_write_json, atomic_write_text
 
 __all__ = ["CONVERGENCE_WINDOW", "CONVERGENCE_THRESHOLD", "SCORES", "CLAIM_ATTACKS", "SET_STUDY_COLUMNS",
            "convergence", "student_protocol", "spearman_ci", "partial_spearman_ci", "claim_statistics",
-           "claim_verdict", "per_set_table", "plot_claim", "write_claim"]
+           "claim_verdict", "per_set_table", "plot_claim", "write_claim", "preconditions", "minimal_detectable_rho",
+           "TIE_DECIMALS", "MIN_TEACHER_GAP", "MAX_MDE_RHO"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +138,19 @@ def _bootstrap(fn: Any, arrays: Sequence[np.ndarray], n_boot: int, seed: int) ->
     return float(lo), float(hi)
 
 
+#: accuracies are multiples of 1/n and their means over seeds carry float noise far below this:
+#: values are rounded to it before ranking, so ties rank as ties (0.5466666666666667 == 0.5466666666666666)
+TIE_DECIMALS = 9
+#: preconditions of a study that can answer its question: the best teacher at least this far above
+#: what the student reaches alone (PGD-AT), in accuracy
+MIN_TEACHER_GAP = 0.08
+#: ... and enough sets that a moderate correlation is detected at 80% power
+MAX_MDE_RHO = 0.5
+_Z_ALPHA, _Z_POWER = 1.959964, 0.841621  # two-sided 5%, 80% power
+
+
 def _clean(*arrays: Sequence[float]) -> list[np.ndarray]:
-    a = [np.asarray(v, dtype=float) for v in arrays]
+    a = [np.round(np.asarray(v, dtype=float), TIE_DECIMALS) for v in arrays]
     keep = np.all([~np.isnan(v) for v in a], axis=0)
     return [v[keep] for v in a]
 
@@ -232,12 +244,130 @@ def _direction(entry: Mapping[str, Any]) -> str:
     return "not distinguishable from zero"
 
 
-def claim_verdict(stats: Mapping[str, Any]) -> tuple[str, str]:
+def minimal_detectable_rho(n_sets: int) -> float:
+    """The smallest |rho| a two-sided 5% test over ``n_sets`` sets detects with 80% power (Fisher z).
+
+    Example:
+        >>> round(minimal_detectable_rho(18), 2), round(minimal_detectable_rho(40), 2)
+        (0.62, 0.43)
+    """
+    if n_sets <= 3:
+        return math.nan
+    return math.tanh((_Z_ALPHA + _Z_POWER) / math.sqrt(n_sets - 3))
+
+
+def _mean_ci(diffs: Sequence[float]) -> dict[str, float]:
+    """Mean and t-interval (95%) of per-seed differences."""
+    from scipy import stats
+
+    d = np.asarray([v for v in diffs if not math.isnan(v)], dtype=float)
+    if len(d) == 0:
+        return {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_seeds": 0}
+    m = float(d.mean())
+    if len(d) < 2:
+        return {"mean": m, "ci_low": math.nan, "ci_high": math.nan, "n_seeds": 1}
+    h = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+    return {"mean": m, "ci_low": m - h, "ci_high": m + h, "n_seeds": int(len(d))}
+
+
+def _teacher_strength(out: Path | None, cfg: Mapping[str, Any], models: pd.DataFrame | None) -> tuple[dict, str]:
+    """Each pool model's PGD-20 accuracy from its training run here, else the matrix's white-box
+    robust accuracy; and which source was used."""
+    import json
+
+    values: dict[str, float] = {}
+    sources = set()
+    for spec in cfg.get("pool", []):
+        name = spec["name"]
+        metrics = out / "teachers" / f"{name}.run" / "metrics.json" if out is not None else None
+        acc = None
+        if metrics is not None and metrics.is_file():
+            acc = (json.loads(metrics.read_text()).get("accuracy") or {}).get("pgd20")
+        if acc is not None:
+            values[name], _ = float(acc), sources.add("PGD-20 of the teacher's training run")
+        elif models is not None and name in set(models["model"]):
+            values[name] = float(models.set_index("model").loc[name, "whitebox_robust_acc"])
+            sources.add("white-box robust accuracy of the matrix's attack")
+    return values, "; ".join(sorted(sources))
+
+
+def preconditions(students: pd.DataFrame, sets: pd.DataFrame, teacher_acc: Mapping[str, float],
+                  teacher_source: str = "") -> dict[str, Any]:
+    """Whether a study can answer its question, from its students and sets:
+
+    - ``teacher_gap``: the best and the mean teacher PGD-20 accuracy minus the student's own PGD-AT
+      (the ``pgd-at`` / ``none`` run, mean over seeds); distillation has something to pass on
+      only when teachers are clearly stronger (at least :data:`MIN_TEACHER_GAP`);
+    - ``distillation_gain``: the best single-teacher distillation (ARD, RSLAD, KD from ``single``)
+      minus PGD-AT, paired by seed, with a 95% t-interval over seeds: is distillation helping at all;
+    - ``set_score_span``: the range of the sets' max-pair scores the correlation is measured over;
+    - ``power``: the smallest |rho| detectable at 80% power with this many sets, and the same
+      effect as accuracy points across the span, from the observed seed noise (a regression slope's
+      standard error on per-set means).
+
+    ``failed`` lists the preconditions not met (``None`` where one cannot be computed).
+    """
+    def acc_of(label_mask: pd.Series) -> pd.Series:
+        g = students[label_mask]
+        return pd.to_numeric(g["pgd20_acc"], errors="coerce").groupby(g["seed"]).mean()
+
+    out: dict[str, Any] = {"failed": []}
+    has = {"method", "teacher_set", "pgd20_acc", "seed"} <= set(students.columns)
+    at = acc_of((students["method"] == "pgd-at") & (students["teacher_set"] == "none")) if has else pd.Series()
+    student_alone = float(at.mean()) if len(at) else math.nan
+    ta = [v for v in teacher_acc.values() if not math.isnan(v)]
+    out["teacher_gap"] = {"best": max(ta) - student_alone if ta else math.nan,
+                          "mean": float(np.mean(ta)) - student_alone if ta else math.nan,
+                          "best_teacher": max(ta) if ta else math.nan, "student_pgd_at": student_alone,
+                          "teacher_accuracy": teacher_source, "threshold": MIN_TEACHER_GAP}
+    gains = {}
+    if has and len(at):
+        for label, g in students[(students["teacher_set"] == "single")
+                                 & students["method"].isin(["ard", "rslad", "kd"])].groupby("label"):
+            mine = pd.to_numeric(g["pgd20_acc"], errors="coerce").groupby(g["seed"]).mean()
+            gains[str(label)] = _mean_ci([mine[s] - at[s] for s in mine.index if s in at.index])
+    best = max(gains.items(), key=lambda kv: kv[1]["mean"], default=(None, _mean_ci([])))
+    out["distillation_gain"] = {"label": best[0], **best[1], "all": gains}
+    scores = pd.to_numeric(sets.get("max_pair", pd.Series(dtype=float)), errors="coerce").dropna()
+    span = float(scores.max() - scores.min()) if len(scores) else math.nan
+    out["set_score_span"] = span
+    n = int(len(scores))
+    stds = pd.to_numeric(sets.get("pgd20_std", pd.Series(dtype=float)), errors="coerce").dropna()
+    seeds = float(pd.to_numeric(sets.get("n_seeds", pd.Series(dtype=float)), errors="coerce").mean()) if n else math.nan
+    noise = float(np.sqrt(np.mean(stds ** 2)) / math.sqrt(seeds)) if len(stds) and seeds > 0 else math.nan
+    sd_x = float(scores.std(ddof=1)) if n > 1 else math.nan
+    slope_se = noise / (sd_x * math.sqrt(n - 1)) if n > 2 and sd_x > 0 and not math.isnan(noise) else math.nan
+    out["power"] = {"n_sets": n, "mde_rho": minimal_detectable_rho(n), "threshold_rho": MAX_MDE_RHO,
+                    "mde_points_across_span": (_Z_ALPHA + _Z_POWER) * slope_se * span if not math.isnan(slope_se)
+                    else math.nan, "per_set_noise": noise}
+    gap = out["teacher_gap"]["best"]
+    if math.isnan(gap) or gap < MIN_TEACHER_GAP:
+        out["failed"].append(f"teacher gap: the best teacher is {_pts(gap)} points above the student's own PGD-AT "
+                             f"(needs {MIN_TEACHER_GAP * 100:.0f})")
+    g = out["distillation_gain"]
+    if math.isnan(g.get("ci_low", math.nan)) or g["ci_low"] <= 0:
+        out["failed"].append(f"distillation gain: {g['label'] or 'no single-teacher distillation'} over PGD-AT is "
+                             f"{_pts(g['mean'])} points (95% CI {_pts(g['ci_low'])} to {_pts(g['ci_high'])}), not "
+                             "above zero")
+    mde = out["power"]["mde_rho"]
+    if math.isnan(mde) or mde > MAX_MDE_RHO:
+        out["failed"].append(f"power: with {n} sets only |rho| >= {mde:.2f} is detected at 80% power (needs "
+                             f"<= {MAX_MDE_RHO})" if not math.isnan(mde) else f"power: {n} sets are too few")
+    return out
+
+
+def _pts(v: float) -> str:
+    return "unknown" if v is None or math.isnan(v) else f"{v * 100:+.1f}"
+
+
+def claim_verdict(stats: Mapping[str, Any], pre: Mapping[str, Any] | None = None) -> tuple[str, str]:
     """``(verdict, sentence)`` from :func:`claim_statistics`; the primary test is the max-pair score
     against PGD-20 accuracy (the attack every student ran), raw and controlling for teacher strength.
 
     ``verdict`` is ``supported`` (both CIs below zero), ``contradicted`` (a CI above zero),
-    ``not supported`` (otherwise), or ``not tested`` (too few converged sets).
+    ``not supported`` (otherwise, in a study whose :func:`preconditions` hold), ``inconclusive``
+    (otherwise, when a precondition fails: the null says little), or ``not tested`` (too few
+    converged sets).
     """
     raw, part = stats.get("spearman_max_pair_vs_pgd20"), stats.get("partial_max_pair_vs_pgd20")
     if raw is None or math.isnan(raw["rho"]):
@@ -254,9 +384,13 @@ def claim_verdict(stats: Mapping[str, Any]) -> tuple[str, str]:
         verdict = "supported"
     elif "positive" in (d_raw, d_part):
         verdict = "contradicted"
+    elif pre is not None and pre.get("failed"):
+        verdict = "inconclusive"
     else:
         verdict = "not supported"
     sentences = {
+        "inconclusive": "The correlation cannot be told apart from zero, and this study cannot tell absence from "
+                        "a missed effect: " + "; ".join((pre or {}).get("failed", [])) + ".",
         "supported": "Lower-transfer teacher sets gave more robust students here, beyond what teacher strength "
                      "explains.",
         "contradicted": "Lower-transfer teacher sets gave *less* robust students here: the opposite of the claim.",
@@ -352,7 +486,12 @@ def write_claim(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stude
     atomic_write_text(out / "set_study.csv", rows[SET_STUDY_COLUMNS].to_csv(index=False))
     sets = per_set_table(rows)
     stats = claim_statistics(sets, n_boot=n_boot, seed=int(cfg["seed"])) if len(sets) else {}
-    verdict, sentence = claim_verdict(stats)
+    from transfer_analysis.selection import read_matrix
+
+    _, models = read_matrix(out / "matrix")
+    teacher_acc, source = _teacher_strength(out, cfg, models)
+    pre = preconditions(students, sets, teacher_acc, source)
+    verdict, sentence = claim_verdict(stats, pre)
     excluded = rows[~rows["converged"].astype(bool)]
     claim = {
         "verdict": verdict, "statement": sentence, "primary": "spearman_max_pair_vs_pgd20",
@@ -364,6 +503,7 @@ def write_claim(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stude
         "bootstrap": {"resamples": n_boot, "over": "teacher sets", "interval": "percentile 95%",
                       "seed": int(cfg["seed"])},
         "covariate": COVARIATE,
+        "preconditions": pre,
         **stats,
     }
     atomic_write_json(out / "claim.json", _json_ready(claim))

@@ -229,6 +229,27 @@ def claim_summary_sentence(claim: Mapping[str, Any]) -> str:
             f"[`{CLAIM_STUDY[1]}`]({CLAIM_STUDY[1]}).")
 
 
+def precondition_sentence(pre: Mapping[str, Any]) -> str:
+    """The preconditions and power of ``claim.json`` as one sentence of numbers.
+
+    Example:
+        >>> precondition_sentence({"teacher_gap": {"best": 0.1, "mean": 0.05, "teacher_accuracy": "PGD-20"},
+        ...     "distillation_gain": {"label": "rslad-single", "mean": 0.03, "ci_low": 0.01, "ci_high": 0.05},
+        ...     "set_score_span": 0.3, "power": {"n_sets": 40, "mde_rho": 0.43, "mde_points_across_span": 0.02}})[:72]
+        'Teacher gap over the student alone (PGD-AT): best +10.0, mean +5.0 point'
+    """
+    def pts(v: Any) -> str:
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * 100:+.1f}"
+
+    gap, gain, power = pre["teacher_gap"], pre["distillation_gain"], pre["power"]
+    return (f"Teacher gap over the student alone (PGD-AT): best {pts(gap['best'])}, mean {pts(gap['mean'])} points "
+            f"({gap.get('teacher_accuracy') or 'teacher accuracy'}). Distillation gain ({gain.get('label') or '-'} "
+            f"over PGD-AT, paired by seed): {pts(gain['mean'])} points, 95% CI {pts(gain['ci_low'])} to "
+            f"{pts(gain['ci_high'])}. Set scores span {pre['set_score_span']:.3f}; with {power['n_sets']} sets the "
+            f"smallest |rho| detected at 80% power is {power['mde_rho']:.2f}, an effect of "
+            f"{pts(power['mde_points_across_span'])} accuracy points across that span at the observed seed noise.")
+
+
 def _claim_lines(claim: Mapping[str, Any], out: Path) -> list[str]:
     lines = ["## The claim: do lower-transfer teacher sets give more robust students?", "",
              claim_summary_sentence(claim), ""]
@@ -245,6 +266,11 @@ def _claim_lines(claim: Mapping[str, Any], out: Path) -> list[str]:
             ci = f"{v['ci_low']:+.2f} to {v['ci_high']:+.2f}" if _known(v["ci_low"]) else "-"
             p_value = f"{v['p_value']:.3f}" if _known(v["p_value"]) else "-"
             rows.append(f"| {key} | {rho} | {ci} | {p_value} | {v['n_sets']} |")
+    pre = claim.get("preconditions")
+    if pre and claim["verdict"] != "not tested":
+        lines += ["", "Can this study answer its question? " + (
+            "Every precondition holds." if not pre["failed"] else "Not met: " + "; ".join(pre["failed"]) + "."),
+            "", precondition_sentence(pre)]
     if rows:  # no header over an empty table (a study without enough sets to test)
         lines += ["", "| test | rho | 95% CI | p | sets |", "|---|---|---|---|---|", *rows]
     if claim["not_converged"]:
