@@ -130,11 +130,20 @@ def _git_revision() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+_WARNED: list[bool] = []
+
+
 def environment_info(device: Any = None) -> dict[str, Any]:
-    """Versions, device and git revision, for ``env.json``."""
+    """Versions, device, git revision and the thread policy, for ``env.json`` (the first call of a
+    process also warns when the machine is busier than the process's CPUs)."""
     import importlib.metadata as md
 
     import torch
+
+    from .threads import thread_policy, warn_if_oversubscribed
+
+    if not _WARNED:
+        _WARNED.append(warn_if_oversubscribed())
 
     versions: dict[str, str | None] = {}
     for pkg in ("torch", "torchvision", "timm", "torchattacks", "numpy", "pandas", "networkx"):
@@ -149,6 +158,7 @@ def environment_info(device: Any = None) -> dict[str, Any]:
         "device": str(device) if device is not None else None,
         "cuda_available": torch.cuda.is_available(),
         "cpu_threads": torch.get_num_threads(),
+        "threads": thread_policy(),
         "git_revision": _git_revision(),
         "argv": sys.argv,
     }

@@ -78,7 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transfer_analysis.console import Interrupted, handle_signals, setup_logging
 
     setup_logging(args.log_level)
+    saved = None
     try:
+        from transfer_analysis.threads import apply_threads, choose_threads
+
+        saved = apply_threads(*choose_threads(getattr(args, "threads", None)))  # before torch loads
         with handle_signals():
             code = args._run(args)
     except UserError as err:
@@ -91,6 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"darht {args.command}: interrupted by {name}; finished work is saved, "
                          f"{_RESUME_HINT.get(args.command, 'run the same command again')}\n")
         return code
+    finally:
+        if saved is not None:
+            from transfer_analysis.threads import restore_threads
+
+            restore_threads(saved)
     return int(code or 0)
 
 

@@ -16,6 +16,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("common")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or cuda:N")
     g.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (default: DARHT_THREADS, then OMP_NUM_THREADS, then the CPUs this process may "
+                        "use: affinity and cgroup quota); on a shared machine 1 avoids a several-fold slowdown")
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
