@@ -40,10 +40,9 @@ def test_emitted_stages_run_item_by_item_equal_a_plain_run(tmp_path, capsys):
                  "--shards", "2"]) == 0
     listing = capsys.readouterr().out
     assert "sbatch --parsable --array=0-2" in listing and "--dependency=afterok:$j1" in listing
-    files = sorted((out / "commands").iterdir())
-    assert [f.name for f in files] == ["1-teachers.txt", "2-matrix.txt", "3-recommend.txt", "4-students.txt",
-                                       "5-report.txt"]
-    stages = [f.read_text().splitlines() for f in files]
+    order = ["teachers", "matrix", "recommend", "students", "report"]  # the files are named by stage
+    assert sorted(f.name for f in (out / "commands").iterdir()) == sorted(f"{n}.txt" for n in order)
+    stages = [(out / "commands" / f"{n}.txt").read_text().splitlines() for n in order]
     assert [len(s) for s in stages] == [3, 2, 1, 2, 1]
     # a task started before its dependency is refused in one line
     student_cmd = shlex.split(stages[3][0])[1:]

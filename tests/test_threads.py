@@ -77,3 +77,15 @@ def test_every_subcommand_takes_threads_and_records_it(tmp_path):
     assert out.returncode == 0, out.stderr
     threads = json.loads((tmp_path / "m" / "env.json").read_text())["threads"]
     assert threads["threads"] == 1 and threads["source"] == "--threads" and threads["torch_intra_op"] == 1
+
+
+def test_a_flag_either_acts_or_is_not_offered():
+    """recommend uses no device and no randomness; a study's seed is its config's `seed:`."""
+    from distill.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    offered = {name: set(p._option_string_actions) for name, p in sub.choices.items()}
+    assert "--seed" not in offered["recommend"] and "--device" not in offered["recommend"]
+    assert "--seed" not in offered["pipeline"] and "--device" in offered["pipeline"]
+    for name in ("matrix", "distill", "train-teacher", "evaluate"):
+        assert {"--seed", "--device"} <= offered[name], name

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(f"distill.cli.{module_name}")
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        common.add_common_arguments(p)
+        common.add_common_arguments(p, getattr(module, "COMMON_FLAGS", ("device", "seed")))
         module.add_arguments(p)
         # argparse dest -> flag: library errors name parameters, the command line shows its flags
         flags = {a.dest: next((o for o in a.option_strings if o.startswith("--")), a.option_strings[0])

@@ -11,11 +11,14 @@ from typing import Any
 from transfer_analysis.errors import UserError
 
 
-def add_common_arguments(p: argparse.ArgumentParser) -> None:
-    """``--device``, ``--seed`` and ``--log-level``: every subcommand has them."""
+def add_common_arguments(p: argparse.ArgumentParser, offers: tuple[str, ...] = ("device", "seed")) -> None:
+    """``--threads`` and ``--log-level`` (every subcommand), and ``--device``/``--seed`` where the
+    subcommand uses them (``offers``): a flag either acts or is not offered."""
     g = p.add_argument_group("common")
-    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or cuda:N")
-    g.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
+    if "device" in offers:
+        g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or cuda:N")
+    if "seed" in offers:
+        g.add_argument("--seed", type=int, default=0, help="seed for every random choice (default 0)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads (default: DARHT_THREADS, then OMP_NUM_THREADS, then the CPUs this process may "
                         "use: affinity and cgroup quota); on a shared machine 1 avoids a several-fold slowdown")

@@ -10,6 +10,10 @@ HELP = "Run a whole study from a config: pool, matrix, recommendation, students,
 logger = logging.getLogger("darht.pipeline")
 
 
+#: the study's own `seed:` seeds every stage (a --seed beside it would be ignored, so none is offered)
+COMMON_FLAGS = ("device",)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="study config, e.g. experiments/configs/quickstart.yaml")
     p.add_argument("--out", default=None, help="run directory (default runs/<study name>)")

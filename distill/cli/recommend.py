@@ -19,6 +19,10 @@ HELP = "Recommend the k teachers whose adversarial examples transfer least among
 
 logger = logging.getLogger("darht.recommend")
 
+#: recommending is exact search over a table: no device, no randomness
+COMMON_FLAGS: tuple[str, ...] = ()
+
+
 def parse_params(text: str) -> float:
     """``25000000``, ``2.5e7``, ``25M``, ``1.5G`` -> a parameter count."""
     return common.parse_amount(text, "--max-params", binary=False)

@@ -10,7 +10,7 @@ system), each a self-contained ``darht pipeline ... --only ITEM`` command:
 5. ``darht pipeline ... --resume`` (after 4): the tables, the claim and the report (all cached).
 
 ``emit_commands`` initializes the run directory (its ``config.yaml``, once, so the array tasks never
-race to write it) and writes each stage's commands, one per line, to ``OUT/commands/K-STAGE.txt``:
+race to write it) and writes each stage's commands, one per line, to ``OUT/commands/STAGE.txt``:
 task ``i`` of a Slurm array runs line ``i + 1`` (see the README). Every item checks that the run
 directory holds this study (the same config) and that its inputs exist, so a task started too
 early fails with one line instead of computing something else.
@@ -49,7 +49,7 @@ class Stage:
 
     @property
     def commands(self) -> list[str]:
-        """The commands as shell lines (what ``OUT/commands/K-STAGE.txt`` holds)."""
+        """The commands as shell lines (what ``OUT/commands/STAGE.txt`` holds)."""
         return [shlex.join(argv) for argv in self.argvs]
 
 
@@ -149,8 +149,8 @@ def emit_commands(config_path: str | Path, out: str | Path, *, shards: int = 4, 
         Stage("report", [[*base, "--resume"]], "students"),
     ]
     stages = [s for s in stages if s.argvs]
-    for k, stage in enumerate(stages, 1):
-        stage.file = out / "commands" / f"{k}-{stage.name}.txt"
+    for stage in stages:  # named by stage, not position: a pool without train: entries has no teachers.txt
+        stage.file = out / "commands" / f"{stage.name}.txt"
         atomic_write_text(stage.file, "\n".join(stage.commands) + "\n")
     return stages
 
