@@ -173,3 +173,30 @@ def write_env_json(run_dir: str | os.PathLike, device: Any = None) -> Path:
     path = Path(run_dir) / "env.json"
     atomic_write_json(path, environment_info(device))
     return path
+
+
+def refuse_outputs_as_inputs(inputs: Iterable[tuple[str, str | os.PathLike | None]],
+                             outputs: Iterable[tuple[str, str | os.PathLike | None, bool]]) -> None:
+    """An output is never one of the inputs, whatever ``--force`` says.
+
+    ``inputs`` are ``(flag, path)`` of every file a command reads; ``outputs`` are
+    ``(flag, path, is_directory)`` of what it writes. Refused: an output that *is* an input file,
+    and an input inside an output directory (a ``--force`` run replaces that directory). Writing a
+    new file into an input's folder (``rec.json`` beside the matrix) is fine.
+
+    Example:
+        >>> refuse_outputs_as_inputs([("--matrix", "m/transfer_matrix.csv")], [("--out", "m/transfer_matrix.csv", False)])
+        Traceback (most recent call last):
+        ...
+        transfer_analysis.errors.UserError: --out m/transfer_matrix.csv is also an input (--matrix); an output is never one of the inputs, even with --force: choose another path
+    """
+    ins = [(flag, Path(os.path.expanduser(str(p))).resolve()) for flag, p in inputs if p is not None]
+    for oflag, opath, is_dir in outputs:
+        if opath is None:
+            continue
+        o = Path(os.path.expanduser(str(opath))).resolve()
+        for iflag, i in ins:
+            if o == i or (is_dir and o in i.parents):
+                what = "is also an input" if o == i else f"holds an input ({i})"
+                raise UserError(f"{oflag} {opath} {what} ({iflag}); an output is never one of the inputs, even with "
+                                "--force: choose another path")

@@ -83,6 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transfer_analysis.threads import apply_threads, choose_threads
 
         saved = apply_threads(*choose_threads(getattr(args, "threads", None)))  # before torch loads
+        io_paths = getattr(importlib.import_module(f"distill.cli.{SUBCOMMANDS[args.command]}"), "io_paths", None)
+        if io_paths is not None:  # an output is never one of the inputs
+            from transfer_analysis.rundir import refuse_outputs_as_inputs
+
+            refuse_outputs_as_inputs(*io_paths(args))
         with handle_signals():
             code = args._run(args)
     except UserError as err:

@@ -60,6 +60,15 @@ def parse_amount(text: str, flag: str, binary: bool) -> float:
     return value
 
 
+def dir_files(path: str | None, names: tuple[str, ...]) -> list[str]:
+    """``path`` itself when it is a file (or missing), else the files a command reads inside it."""
+    import os
+
+    if path is None:
+        return []
+    return [os.path.join(path, n) for n in names] if os.path.isdir(path) else [path]
+
+
 def parse_json_kwargs(text: str | None, flag: str) -> dict[str, Any]:
     """Parse a ``--*-kwargs`` JSON object; a malformed one is a :class:`UserError`."""
     if text is None or text == "":

@@ -123,6 +123,12 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
+def io_paths(args: argparse.Namespace) -> tuple[list, list]:
+    """What ``darht distill`` reads and writes (no output may be an input)."""
+    return ([("--pool", args.pool), ("--config", args.config), ("--dataset", common.dataset_file(args.dataset))],
+            [("--out", args.out, True)])
+
+
 def run(args: argparse.Namespace) -> int:
     common.require_files((args.pool, "pool file"), (args.config, "config file"),
                          (common.dataset_file(args.dataset), "dataset file"))

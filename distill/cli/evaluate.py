@@ -129,6 +129,18 @@ def _robustbench_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}.robustbench.json")
 
 
+def io_paths(args: argparse.Namespace) -> tuple[list, list]:
+    """What ``darht evaluate`` reads and writes (no output may be an input)."""
+    from distill.cli.common import dataset_file, dir_files
+
+    model = None if args.model is None or args.model.startswith(("hf-hub:", "local-dir:")) else args.model
+    out = Path(args.out)
+    return ([("--model", p) for p in dir_files(model, ("student.safetensors", "config.yaml"))]
+            + [("--pool", args.pool), ("--indices", args.indices), ("--dataset", dataset_file(args.dataset))],
+            [("--out", out, False), ("--out", _indices_path(out), False), ("--out", _robustbench_path(out), False),
+             ("--out", out.with_name(f"{out.stem}.state.pt"), False)])
+
+
 def run(args: argparse.Namespace) -> int:
     from distill.cli.common import dataset_file, require_files
 

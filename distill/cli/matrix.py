@@ -62,6 +62,12 @@ def parse_shard(text: str) -> tuple[int, int]:
     return shard
 
 
+def io_paths(args: argparse.Namespace) -> tuple[list, list]:
+    """What ``darht matrix`` reads and writes (no output may be an input)."""
+    return ([("--pool", args.pool), ("--dataset", common.dataset_file(args.dataset))],
+            [("--out", args.out, True), ("--cache", args.cache, True)])
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``darht matrix``: parse the flags and call :func:`transfer_analysis.matrix.run_matrix`."""
     common.require_files((args.pool, "pool file"), (common.dataset_file(args.dataset), "dataset file"))

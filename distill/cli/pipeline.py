@@ -51,6 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     j.add_argument("--cpus-per-task", type=int, default=None, metavar="C", help="CPU cores of each job")
 
 
+def io_paths(args: argparse.Namespace) -> tuple[list, list]:
+    """What ``darht pipeline`` reads and writes (no output may be an input)."""
+    return [("--config", args.config)], [("--out", args.out, True)]
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
 

@@ -59,6 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
 
 
+def io_paths(args: argparse.Namespace) -> tuple[list, list]:
+    """What ``darht recommend`` reads and writes (no output may be an input)."""
+    out = Path(args.out)
+    return ([("--matrix", p) for p in common.dir_files(args.matrix, ("transfer_matrix.csv", "models.csv"))],
+            [("--out", out, False), ("--out", out.with_suffix(".png"), False)])
+
+
 def run(args: argparse.Namespace) -> int:
     from transfer_analysis.selection import (
         DEFAULT_ENUMERATION_LIMIT,

@@ -68,6 +68,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace existing outputs")
 
 
+def io_paths(args: argparse.Namespace) -> tuple[list, list]:
+    """What ``darht train-teacher`` reads and writes (no output may be an input)."""
+    from pathlib import Path
+
+    out = Path(args.out)
+    arch = args.arch[len("local-dir:"):] if args.arch.startswith("local-dir:") else None
+    return ([("--dataset", common.dataset_file(args.dataset)), ("--arch", arch)],
+            [("--out", out, False), ("--out", out.with_suffix(".yaml"), False),
+             ("--out", out.with_suffix(".run"), True)])
+
+
 def run(args: argparse.Namespace) -> int:
     from distill.teachers import train_teacher
 
