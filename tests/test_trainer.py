@@ -192,9 +192,12 @@ def test_nonfinite_loss_stops_with_epoch_and_batch(data, tmp_path: Path, monkeyp
     assert not (tmp_path / "run" / "student.safetensors").exists()
 
 
-def test_plain_method_ignores_teachers_and_builds_a_plain_student(data, tmp_path: Path) -> None:
-    result = train(_config(method="pgd-at", epochs=1, method_kwargs={"steps": 1}), tmp_path / "run", dataset=data,
-                   teachers=_teachers())
+def test_plain_method_refuses_teachers_and_builds_a_plain_student(data, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="method 'pgd-at' uses no teachers, got"):  # an option that would be ignored
+        train(_config(method="pgd-at", epochs=1, method_kwargs={"steps": 1}), tmp_path / "refused", dataset=data,
+              teachers=_teachers())
+    assert not (tmp_path / "refused").exists()
+    result = train(_config(method="pgd-at", epochs=1, method_kwargs={"steps": 1}), tmp_path / "run", dataset=data)
     assert not result.student.has_map
     assert result.metrics["training"]["teachers"] == []
     assert list(_read_csv(tmp_path / "run" / "summary.csv")[0])[:4] == ["epoch", "lr", "loss", "ce_adv"]

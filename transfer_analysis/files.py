@@ -131,8 +131,61 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=_json_default, allow_nan=True) + "\n")
 
 
+#: most aliases a YAML file may use (a few are normal; thousands are an expansion bomb)
+MAX_YAML_ALIASES = 100
+
+
+def _strict_loader() -> type:
+    """yaml's safe loader, refusing a mapping that repeats a key (YAML keeps the last value silently)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {str(key)[:40]!r} (first at line {seen[key] + 1}); YAML would "
+                            "keep the last value silently", key_node.start_mark)
+                    seen[key] = key_node.start_mark.line
+                except TypeError:  # an unhashable key: the constructor's own error follows
+                    pass
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
+
+
+def load_yaml_text(text: str, where: str) -> Any:
+    """Parse YAML text strictly: the safe loader, no repeated key, at most :data:`MAX_YAML_ALIASES` aliases.
+
+    Example:
+        >>> load_yaml_text("a: 1\\nb: 2\\n", "cfg")
+        {'a': 1, 'b': 2}
+        >>> load_yaml_text("a: 1\\na: 2\\n", "cfg")
+        Traceback (most recent call last):
+        ...
+        transfer_analysis.errors.UserError: cfg is not valid YAML at line 2: duplicate key 'a' (first at line 1); YAML would keep the last value silently
+    """
+    import yaml
+
+    loader = _strict_loader()
+    try:
+        aliases = sum(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, Loader=loader))
+        if aliases > MAX_YAML_ALIASES:
+            raise UserError(f"{where} uses {aliases} YAML aliases (*name), more than the {MAX_YAML_ALIASES} allowed")
+        return yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = str(getattr(err, "problem", None) or err).splitlines()[0][:160]
+        raise UserError(f"{where} is not valid YAML{at}: {problem}") from err
+
+
 def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
-    """Read a YAML file with the safe loader; a missing or malformed file is a one-line :class:`UserError`.
+    """Read a YAML file strictly (:func:`load_yaml_text`); a missing or malformed file is a one-line
+    :class:`UserError`.
 
     Example:
         >>> import tempfile, pathlib
@@ -153,9 +206,4 @@ def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
                         "text") from err
     except OSError as err:
         raise UserError(f"cannot read {what} {path}: {err.strerror or err}") from err
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path} is not valid YAML{at}: {getattr(err, 'problem', err)}") from err
+    return load_yaml_text(text, str(path))

@@ -88,6 +88,10 @@ def parse_eps(value: str | float | int, name: str = "eps") -> float:
         True
         >>> parse_eps(0.1)
         0.1
+        >>> parse_eps("8")
+        Traceback (most recent call last):
+        ...
+        transfer_analysis.errors.UserError: --eps '8' is larger than the [0, 1] pixel range; did you mean 8/255?
     """
     if isinstance(value, bool):
         raise UserError(f"--{name} must be a number or a fraction such as 8/255, got {value!r}")
@@ -108,6 +112,9 @@ def parse_eps(value: str | float | int, name: str = "eps") -> float:
         raise UserError(f"--{name} must be >= 0, got {value!r}")
     if not math.isfinite(out):
         raise UserError(f"--{name} must be a finite number >= 0, got {value!r}")
+    if out > 1 and name.split(":")[-1].strip().split(".")[-1] in ("eps", "step-size", "step_size", "alpha"):
+        # images are in [0, 1]: a radius above 1 allows any image; 8 means 8/255
+        raise UserError(f"--{name} {value!r} is larger than the [0, 1] pixel range; did you mean {value}/255?")
     return out
 
 

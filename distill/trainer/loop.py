@@ -149,10 +149,16 @@ def _scalar_parts(parts: Mapping[str, Any]) -> Iterator[tuple[str, torch.Tensor 
 
 
 def _check_teacher_request(cfg: TrainConfig, method: Method, teachers: Mapping[str, nn.Module] | None) -> None:
-    """Cheap checks of the teacher options, before anything is loaded."""
-    if method.max_teachers == 0:
-        return
+    """Cheap checks of the teacher options, before anything is loaded (options that would be ignored
+    are refused: a method without teachers given teachers)."""
     names = list(teachers) if teachers is not None else cfg.teachers
+    if method.max_teachers == 0:
+        if names:
+            raise UserError(f"method {method.name!r} uses no teachers, got {', '.join(names)}; drop `teachers` (and "
+                            "`pool`)")
+        return
+    if len(set(names)) != len(names):
+        raise UserError(f"`teachers` names a teacher twice: {', '.join(names)}")
     if not names:
         raise UserError(f"method {method.name!r} needs teachers; give `pool` and `teachers` "
                         f"(at least {method.min_teachers})")
@@ -169,10 +175,7 @@ def _check_teacher_request(cfg: TrainConfig, method: Method, teachers: Mapping[s
 def _load_teachers(cfg: TrainConfig, method: Method, data: ImageDataset, device: torch.device,
                    teachers: Mapping[str, nn.Module] | None) -> dict[str, nn.Module]:
     if method.max_teachers == 0:
-        if cfg.teachers or teachers:
-            logger.warning("method %s uses no teachers; ignoring %s", method.name,
-                           ", ".join(cfg.teachers or list(teachers or {})))
-        return {}
+        return {}  # teachers given anyway were refused by _check_teacher_request
     if teachers is not None:
         return dict(teachers)
     from transfer_analysis.models import load_pool

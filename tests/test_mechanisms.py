@@ -1,0 +1,54 @@
+"""Inputs that were accepted wrongly: each mechanism, table-driven, one line and exit 2."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from distill.cli import main
+
+DATA = "synthetic:num_classes=2,in_chans=1,image_size=8,n_train=16,n_test=8"
+POOL = {"models": [{"name": n, "arch": "resnet18_cifar", "kwargs": {"width": 2}} for n in ("a", "b")]}
+
+
+@pytest.fixture
+def pool(tmp_path):
+    p = tmp_path / "pool.yaml"
+    p.write_text(yaml.safe_dump(POOL))
+    return p
+
+
+CASES = [
+    # a strict YAML loader: a repeated key is never silently the last value; alias bombs are refused
+    ("duplicate-key", "models:\n  - {name: a, arch: resnet18_cifar}\nmodels: []\n", "duplicate key 'models'"),
+    ("alias-bomb", "x: &a [1]\n" + "".join(f"y{i}: *a\n" for i in range(150)) + "models: []\n", "150 YAML aliases"),
+    # the name rule: a comma can never be selected by --models, a path separator reaches file names
+    ("comma-name", yaml.safe_dump({"models": [{"name": "a,b", "arch": "resnet18_cifar"}]}), "model name 'a,b'"),
+    ("path-name", yaml.safe_dump({"models": [{"name": "../x", "arch": "resnet18_cifar"}]}), "model name '../x'"),
+    # the pool file is named as the source of an error, never the entry's own `source:` key
+    ("source-named", yaml.safe_dump({"models": [{"name": "a", "arch": "resnet18_cifar", "source": "timm"},
+                                                {"name": "a", "arch": "resnet18_cifar"}]}), "p.yaml: duplicate model"),
+]
+
+
+@pytest.mark.parametrize("text,match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_pool_files_are_read_strictly(tmp_path, capsys, text, match):
+    (tmp_path / "p.yaml").write_text(text)
+    assert main(["matrix", "--pool", str(tmp_path / "p.yaml"), "--dataset", DATA, "--out", str(tmp_path / "o"),
+                 "--device", "cpu"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and match in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["matrix", "--eps", "2"], "--eps '2' is larger than the [0, 1] pixel range; did you mean 2/255?"),
+    (["distill", "--method", "pgd-at", "--student", "resnet18_cifar", "--teachers", "a,b"],
+     "method 'pgd-at' uses no teachers, got a, b"),
+], ids=["eps-in-pixels", "teachers-a-method-ignores"])
+def test_options_that_would_be_ignored_or_misread_are_refused(tmp_path, pool, capsys, argv, match):
+    common = ["--dataset", DATA, "--out", str(tmp_path / "o"), "--device", "cpu", "--pool", str(pool)]
+    assert main([*argv, *common]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and match in err[0], err
+    assert not (tmp_path / "o").exists()
