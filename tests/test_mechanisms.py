@@ -52,3 +52,32 @@ def test_options_that_would_be_ignored_or_misread_are_refused(tmp_path, pool, ca
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and match in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_directory_is_held_while_a_run_writes_it(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from transfer_analysis.errors import UserError
+    from transfer_analysis.rundir import LOCK_NAME, prepare_out_dir, release_run_dirs
+
+    run = prepare_out_dir(tmp_path / "run")
+    (run / "config.yaml").write_text("method: pgd-at\n")
+    assert (run / LOCK_NAME).is_file()
+    release_run_dirs()
+    assert not (run / LOCK_NAME).exists()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = json.loads('{"pid": %d, "host": "%s", "started": "now"}' % (other.pid, __import__("platform").node()))
+        (run / LOCK_NAME).write_text(json.dumps(lock))
+        for kwargs in ({"resume": True}, {"force": True}):  # neither continues nor wipes a run being written
+            with pytest.raises(UserError, match=f"being written by another run \\(process {other.pid}"):
+                prepare_out_dir(run, **kwargs)
+        assert (run / "config.yaml").is_file()
+    finally:
+        other.kill()
+        other.wait()
+    assert prepare_out_dir(run, resume=True) == run  # a stale lock (its process is gone) is taken over
+    assert json.loads((run / LOCK_NAME).read_text())["pid"] == __import__("os").getpid()
+    release_run_dirs()

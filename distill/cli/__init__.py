@@ -101,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"{_RESUME_HINT.get(args.command, 'run the same command again')}\n")
         return code
     finally:
+        from transfer_analysis.rundir import release_run_dirs
+
+        release_run_dirs()  # the run directories this command held
         if saved is not None:
             from transfer_analysis.threads import restore_threads
 
