@@ -81,3 +81,16 @@ def test_a_run_directory_is_held_while_a_run_writes_it(tmp_path):
     assert prepare_out_dir(run, resume=True) == run  # a stale lock (its process is gone) is taken over
     assert json.loads((run / LOCK_NAME).read_text())["pid"] == __import__("os").getpid()
     release_run_dirs()
+
+
+@pytest.mark.parametrize("level,shown", [("INFO", False), ("DEBUG", True)])
+def test_third_party_warnings_stay_off_stderr_unless_debug(level, shown):
+    import subprocess
+    import sys
+
+    code = ("import warnings; from transfer_analysis.console import setup_logging; "
+            f"setup_logging({level!r}); warnings.warn('deprecated in some library', DeprecationWarning); "
+            "warnings.warn('pkg_resources is deprecated')")
+    err = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True).stderr
+    assert ("pkg_resources is deprecated" in err) == shown, err
+    assert ("deprecated in some library" in err) == shown, err

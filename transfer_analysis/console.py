@@ -46,6 +46,12 @@ def setup_logging(level: str | int = "INFO") -> None:
         stream=sys.stderr,
         force=True,
     )
+    # Third-party warnings (deprecations in timm, RobustBench's pkg_resources, ...) go through
+    # logging as "py.warnings", shown only with --log-level DEBUG: a refusal stays one line.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.CRITICAL)
+    for noisy in ("timm", "huggingface_hub", "urllib3", "filelock", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if level <= logging.DEBUG else logging.ERROR)
 
 
 # --------------------------------------------------------------------------------------------
