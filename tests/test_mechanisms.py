@@ -94,3 +94,19 @@ def test_third_party_warnings_stay_off_stderr_unless_debug(level, shown):
     err = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True).stderr
     assert ("pkg_resources is deprecated" in err) == shown, err
     assert ("deprecated in some library" in err) == shown, err
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_torchrun_only_rank_zero_downloads(monkeypatch, rank):
+    import torch.distributed  # noqa: F401 - what load_dataset looks for
+
+    import transfer_analysis.data.specs as specs
+    from transfer_analysis import distributed as dist_utils
+
+    events = []
+    monkeypatch.setattr(dist_utils, "world_size", lambda: 2)
+    monkeypatch.setattr(dist_utils, "rank", lambda: rank)
+    monkeypatch.setattr(dist_utils, "barrier", lambda: events.append("barrier"))
+    monkeypatch.setattr(specs, "_load_dataset", lambda name, root, download: events.append(f"load {download}"))
+    specs.load_dataset("cifar10")
+    assert events == (["load True", "barrier"] if rank == 0 else ["barrier", "load False"])
