@@ -110,3 +110,26 @@ def test_under_torchrun_only_rank_zero_downloads(monkeypatch, rank):
     monkeypatch.setattr(specs, "_load_dataset", lambda name, root, download: events.append(f"load {download}"))
     specs.load_dataset("cifar10")
     assert events == (["load True", "barrier"] if rank == 0 else ["barrier", "load False"])
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"students": {"train_subset": 16}}, "batch size 32 exceeds the 16 training images"),
+    ({"train_subset": 16}, "batch size 32 exceeds the 16 training images"),
+    ({"runs": [{"method": "darht", "teacher_set": "custom", "teachers": ["a", "a"]}]}, "names a teacher twice"),
+], ids=["student-batch", "teacher-batch", "repeated-teacher"])
+def test_dry_run_checks_what_the_run_checks(tmp_path, capsys, change, match):
+    cfg = {"study": "s", "dataset": DATA, "batch_size": 32, "pool": [
+        {"name": n, "arch": "resnet18_cifar", "kwargs": {"width": 2}, "train": {"epochs": 1}} for n in ("a", "b")],
+        "recommend": {"k": 2}, "training": {"epochs": 1, "lr": 0.1, "milestones": [0.5], "weight_decay": 0.0},
+        "students": {"arch": "resnet18_cifar", "kwargs": {"width": 2},
+                     "runs": [{"method": "darht", "teacher_set": "low-transfer"}]}}
+    if "runs" in change:
+        cfg["students"]["runs"] = change["runs"]
+    elif "students" in change:
+        cfg["students"].update(change["students"])
+    else:
+        cfg.update(change)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["pipeline", "--config", str(tmp_path / "s.yaml"), "--dry-run"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and match in err[0], err

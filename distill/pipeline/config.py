@@ -285,6 +285,8 @@ def _check_student_run(run: Any, where: str, names: list[str], families: dict[st
         missing = [t for t in teachers if t not in names]
         if missing:
             raise UserError(f"{where}: teachers {', '.join(map(str, missing))} are not in the pool")
+        if len(set(teachers)) != len(teachers):  # what darht distill --teachers a,a refuses
+            raise UserError(f"{where}: teachers names a teacher twice: {', '.join(map(str, teachers))}")
     attacks = run.get("attacks")
     if attacks is not None:
         from distill.evaluation import parse_attacks
@@ -428,6 +430,16 @@ def _check_student_configs(cfg: Mapping[str, Any], source: str) -> None:
             create_method(resolved.method, eps=resolved.eps, **resolved.method_kwargs)
         except UserError as err:
             raise UserError(f"{source}: students.runs {run['label']!r}: {err}") from None
+        images = cfg["students"]["train_subset"] or cfg["train_subset"]
+        if images is not None and resolved.batch_size > images:  # what the trainer refuses, said now
+            raise UserError(f"{source}: students.runs {run['label']!r}: batch size {resolved.batch_size} exceeds the "
+                            f"{images} training images; lower the batch size or raise the training subset")
+    for spec in cfg["pool"]:
+        train = spec.get("train")
+        batch = (train or {}).get("batch_size") or cfg["batch_size"]
+        if train is not None and cfg["train_subset"] is not None and batch > cfg["train_subset"]:
+            raise UserError(f"{source}: pool model {spec['name']!r}: batch size {batch} exceeds the "
+                            f"{cfg['train_subset']} training images (train_subset)")
 
 
 def load_study_config(path: str | os.PathLike) -> dict[str, Any]:
