@@ -193,3 +193,26 @@ def test_teachers_with_the_same_settings_get_their_own_seeds(tmp_path, monkeypat
     assert seeds == {"twin_a": init_seed_for(0, "twin_a"), "twin_b": init_seed_for(0, "twin_b")}
     assert sizes == {"twin_a": None, "twin_b": 16}  # the entry's input_size reaches the training
     assert seeds["twin_a"] != seeds["twin_b"]
+
+
+@pytest.mark.slow
+def test_parallel_students_equal_one_at_a_time(tmp_path):
+    """--jobs 2 --threads 2 (two one-thread processes) gives the students of --jobs 1 --threads 1."""
+    import shutil
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY, sort_keys=False))
+    one = tmp_path / "one"
+    assert main(["pipeline", "--config", str(config), "--out", str(one), "--device", "cpu", "--threads", "1"]) == 0
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    shutil.rmtree(two / "students")
+    for name in ("students.csv", "students_detail.csv", "report.md"):
+        (two / name).unlink()
+    assert main(["pipeline", "--config", str(config), "--out", str(two), "--device", "cpu", "--resume", "--jobs", "2",
+                 "--threads", "2"]) == 0
+    a, b = pd.read_csv(one / "students.csv"), pd.read_csv(two / "students.csv")
+    pd.testing.assert_frame_equal(a, b)
+    assert json.loads((two / "env.json").read_text())["jobs"] == 2
+    assert sorted(p.name for p in (two / "students").glob("*.log")) == sorted(f"{i}.log" for i in
+                                                                              pd.read_csv(two / "students_detail.csv")["id"])

@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     g.add_argument("--force", action="store_true", help="replace the run in --out")
     p.add_argument("--dry-run", action="store_true", help="validate the config, print the plan, write nothing")
+    p.add_argument("--jobs", type=int, default=1, metavar="J",
+                   help="train and evaluate J students at once, each a process with --threads / J threads (the "
+                        "same students as one at a time with that many threads; default 1)")
     t = p.add_argument_group("every training run of the study")
     t.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="evaluate and report an exponential moving average of every student (weights and buffers, "
@@ -105,8 +108,12 @@ def run(args: argparse.Namespace) -> int:
         command += ["--device", args.device]
     if args.ema is not None:
         command += ["--ema", repr(args.ema)]
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be a positive integer, got {args.jobs}")
+    if args.jobs > 1:
+        command += ["--jobs", str(args.jobs)]
     result = run_pipeline(args.config, out, resume=args.resume, force=args.force, device=args.device,
-                          dry_run=args.dry_run, command=command, ema=args.ema, tracking=tracking)
+                          dry_run=args.dry_run, command=command, ema=args.ema, tracking=tracking, jobs=args.jobs)
     if args.dry_run:
         sys.stdout.write("\n".join(describe_plan(result.config)) + "\n")
         return 0

@@ -301,10 +301,72 @@ def _stage_students(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Map
 # --------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------
+def _record_jobs(out: Path, jobs: int) -> None:
+    """``jobs`` (students at once) in the run's ``env.json``."""
+    import json
+
+    path = out / "env.json"
+    try:
+        env = json.loads(path.read_text())
+    except (OSError, ValueError):
+        env = {}
+    env["jobs"] = int(jobs)
+    atomic_write_json(path, env)
+
+
+def _students_in_parallel(cfg: Mapping[str, Any], config_path: str | os.PathLike, out: Path, jobs: int,
+                          device: str, ema: float | None, tracking: Mapping[str, Any] | None) -> None:
+    """Train and evaluate the unfinished students ``jobs`` at a time, each in its own process
+    (``darht pipeline --only student:ID``, the array-task path) with ``threads // jobs`` threads;
+    every student is seeded by itself, so the results are those of one process with as many
+    threads each. Each process's output goes to ``OUT/students/ID.log``."""
+    import subprocess
+    import sys
+
+    from distill.pipeline.jobs import _option_flags
+    from transfer_analysis.threads import available_cpus, thread_policy
+
+    pending = [r for r in student_runs(cfg) if not (out / "students" / r["id"] / "metrics.json").is_file()]
+    if not pending:
+        return
+    threads = max(1, int(thread_policy().get("threads") or available_cpus()) // jobs)
+    base = [sys.executable, "-m", "distill.cli", "pipeline", "--config", str(config_path), "--out", str(out),
+            "--device", device, "--threads", str(threads), *_option_flags(ema, dict(tracking or {}))]
+    (out / "students").mkdir(parents=True, exist_ok=True)
+    _status("students", f"{len(pending)} student(s), {jobs} at a time, {threads} thread(s) each")
+    running: list[tuple[dict[str, Any], subprocess.Popen, Any]] = []
+    failed: list[str] = []
+    queue = list(pending)
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                run = queue.pop(0)
+                log = open(out / "students" / f"{run['id']}.log", "w")  # noqa: SIM115 - closed when it ends
+                proc = subprocess.Popen([*base, "--only", f"student:{run['id']}"], stdout=log, stderr=subprocess.STDOUT)
+                running.append((run, proc, log))
+            time.sleep(0.2)
+            for item in list(running):
+                run, proc, log = item
+                if proc.poll() is not None:
+                    log.close()
+                    running.remove(item)
+                    if proc.returncode != 0:
+                        failed.append(run["id"])
+                    else:
+                        _status("students", f"{run['id']}: done")
+    finally:
+        for _, proc, log in running:  # interrupted: stop the others too (each resumes later)
+            proc.terminate()
+            proc.wait()
+            log.close()
+    if failed:
+        raise UserError(f"student(s) {', '.join(failed)} failed; see {out / 'students'}/ID.log (then --resume)")
+
+
 def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None = None, *, resume: bool = False,
                  force: bool = False, device: str = "auto", dry_run: bool = False,
                  command: Sequence[str] | None = None, ema: float | None = None,
-                 tracking: Mapping[str, Any] | None = None) -> PipelineResult:
+                 tracking: Mapping[str, Any] | None = None, jobs: int = 1) -> PipelineResult:
     """Run (or, with ``dry_run``, validate and plan) the study of a config file.
 
     Args:
@@ -344,6 +406,9 @@ def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None =
     rec = _stage_recommend(cfg, out, matrix_dir)
     student_ds = train_ds if cfg["students"]["train_subset"] is None else \
         ds.with_train_subset(cfg["students"]["train_subset"], cfg["seed"])
+    _record_jobs(out, jobs)
+    if jobs > 1:
+        _students_in_parallel(cfg, config_path, out, jobs, str(dev), ema, tracking)
     rows = _stage_students(cfg, out, pool_path, rec, student_ds, str(dev), tracking=tracking)
     students = pd.DataFrame(rows)
     atomic_write_text(out / "students.csv", students[STUDENT_COLUMNS].to_csv(index=False))
