@@ -58,3 +58,11 @@ def test_a_whole_recommend_run_imports_no_torch(tmp_path):
     assert rec["sets"][0]["teachers"] == ["a", "b"] and (tmp_path / "rec.png").is_file()
     # k larger than the pool: a refusal, still without torch
     assert _heavy_modules(["recommend", "--matrix", str(m), "--k", "5", "--out", "r2.json"], tmp_path) == (2, [])
+
+
+def test_a_missing_matrix_is_refused_before_pandas_loads(tmp_path):
+    probe = _PROBE.replace('("torch", "timm", "torchattacks", "torchvision")', '("pandas", "networkx", "torch")')
+    proc = subprocess.run([sys.executable, "-c", probe, "recommend", "--matrix", "missing", "--k", "2", "--out",
+                           "r.json"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "transfer matrix not found: missing" in proc.stderr
+    assert [ln for ln in proc.stdout.splitlines() if ln.startswith("HEAVY=")][-1] == "HEAVY="

@@ -67,6 +67,9 @@ def io_paths(args: argparse.Namespace) -> tuple[list, list]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not Path(args.matrix).exists():  # before pandas and networkx load: a refusal comes at once
+        raise UserError(f"transfer matrix not found: {args.matrix}; pass --matrix as the directory (holding "
+                        "transfer_matrix.csv) or the CSV itself, as written by 'darht matrix'")
     from transfer_analysis.selection import (
         DEFAULT_ENUMERATION_LIMIT,
         read_matrix,
