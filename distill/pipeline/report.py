@@ -225,8 +225,8 @@ def claim_summary_sentence(claim: Mapping[str, Any]) -> str:
     return (f"This study has {plural(int(claim['n_sets']), 'teacher set')} "
             f"({plural(int(claim['n_students']), 'converged DARHT student')}): too few to test the claim, which "
             "needs a correlation over many sets. A study this small is a smoke test of every stage; the claim is "
-            f"tested by a study such as `{CLAIM_STUDY[0]}`, whose committed report and verdict are in "
-            f"[`{CLAIM_STUDY[1]}`]({CLAIM_STUDY[1]}).")
+            f"tested by a study such as `{CLAIM_STUDY[0]}`, whose committed report and verdict are in the "
+            f"toolkit's `{CLAIM_STUDY[1]}`.")
 
 
 def precondition_sentence(pre: Mapping[str, Any]) -> str:
@@ -422,7 +422,9 @@ def _students_lines(cfg: Mapping[str, Any], students: pd.DataFrame, summary: pd.
         else:
             who = "The student" if len(students) == 1 else f"Every one of the {len(students)} students"
             lines += [f"{who} converged (test PGD accuracy moved by less than 3 points over the last two epochs).", ""]
-    lines += ["Mean ± standard deviation over seeds:", ""]
+    one_seed = bool(len(summary)) and int(summary["seeds"].max()) == 1
+    lines += ["One seed per student, so no spread over seeds:" if one_seed else "Mean ± standard deviation over seeds:",
+              ""]
     table = []
     for row in summary.itertuples():
         r = {"student": row.label, "teachers": row.teachers or "-", "seeds": row.seeds}
