@@ -224,8 +224,8 @@ def claim_summary_sentence(claim: Mapping[str, Any]) -> str:
         return f"**Verdict: {claim['verdict']}.** {claim['statement']}"
     return (f"This study has {plural(int(claim['n_sets']), 'teacher set')} "
             f"({plural(int(claim['n_students']), 'converged DARHT student')}): too few to test the claim, which "
-            "needs a correlation over many sets. A study this small is a smoke test of every stage; the claim is "
-            f"tested by a study such as `{CLAIM_STUDY[0]}`, whose committed report and verdict are in the "
+            "needs a correlation over many sets (a study this small, such as the quickstart, is a smoke test of "
+            f"every stage). The claim is tested by a study such as `{CLAIM_STUDY[0]}`, whose committed report and verdict are in the "
             f"toolkit's `{CLAIM_STUDY[1]}`.")
 
 
