@@ -26,12 +26,12 @@ from transfer_analysis.utils import (
 
 
 @pytest.mark.parametrize("text,value", [("8/255", 8 / 255), ("0.1", 0.1), ("0", 0.0), (" 2 / 255 ", 2 / 255),
-                                        ("1e-2", 0.01), (0.25, 0.25), (3, 3.0), ("16/255", 16 / 255)])
+                                        ("1e-2", 0.01), (0.25, 0.25), (1, 1.0), ("16/255", 16 / 255)])
 def test_parse_eps_values(text, value):
     assert parse_eps(text) == value
 
 
-@pytest.mark.parametrize("text", ["-0.1", "abc", "8/0", "nan", "inf", "", "1/2/3", True, float("nan"), -1])
+@pytest.mark.parametrize("text", ["-0.1", "abc", "8/0", "nan", "inf", "", "1/2/3", True, float("nan"), -1, 3, "8"])
 def test_parse_eps_rejects(text):
     with pytest.raises(UserError) as info:
         parse_eps(text)

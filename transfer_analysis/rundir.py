@@ -93,26 +93,29 @@ def check_run_dir(out: str | os.PathLike, *, resume: bool, force: bool, what: st
 
 
 def prepare_out_dir(out: str | os.PathLike, resume: bool = False, force: bool = False,
-                    marker: str = "config.yaml") -> Path:
+                    marker: str = "config.yaml", lock: bool = True) -> Path:
     """Create an output directory, refusing to clobber an earlier run.
 
     A directory that already holds ``marker`` is a run: it is refused unless ``resume`` (continue
     it) or ``force`` (wipe it and start again). A directory another live process is writing
     (its lock file ``.darht.lock`` names it) is refused whatever ``resume`` and ``force`` say; a
     lock left by a process that is gone is taken over. The lock is held until the command ends
-    (:func:`release_run_dirs`, or the process's exit).
+    (:func:`release_run_dirs`, or the process's exit). ``lock=False`` is for writers that share a
+    directory by design (the array tasks of one sharded matrix).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"`out` {out} exists and is not a directory; choose another path")
-    _check_lock(out)
+    if lock:
+        _check_lock(out)
     if out.is_dir() and (out / marker).exists():
         if force:
             shutil.rmtree(out)
         elif not resume:
             raise UserError(f"{out} already holds a run; pass `resume` to continue it or `force` to replace it")
     out.mkdir(parents=True, exist_ok=True)
-    _take_lock(out)
+    if lock:
+        _take_lock(out)
     return out
 
 

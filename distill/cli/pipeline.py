@@ -89,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         from distill.pipeline.launch import executor_parameters, submit_stages
+        from transfer_analysis.rundir import release_run_dirs
+
+        release_run_dirs()  # the submitted jobs write the run directory now, not this waiting process
 
         submit_stages(stages, args.submitit_folder or Path(out) / "submitit", cluster=args.submitit_cluster,
                       parameters=executor_parameters(timeout_min=args.timeout_min, gpus_per_node=args.gpus_per_node,

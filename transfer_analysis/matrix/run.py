@@ -199,7 +199,7 @@ def _run_matrix_outputs(pool: Mapping[str, nn.Module], ds: Any, dataset: str | A
         for n in pool:  # after every refusal: a refusal stays one line
             if config["weights"][n] == "random":
                 warn_random_weights(n)
-        prepare_out_dir(out, resume=True)
+        prepare_out_dir(out, resume=True, lock=shard is None)  # array tasks share the directory by design
         if shard is None:
             save_indices(out / "indices.json", indices, dataset=ds.name, split="test", seed=seed)
             write_run_config(out, config)
