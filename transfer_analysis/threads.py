@@ -39,6 +39,8 @@ logger = logging.getLogger("transfer_analysis.threads")
 #: measured slowdown of a 2-thread epoch beside one other CPU-bound process on 2 cores
 OVERSUBSCRIPTION_COST = 3.95
 _POLICY: dict[str, Any] = {}
+#: where the default number comes from (no flag, no environment variable)
+DEFAULT_SOURCE = "available CPUs (affinity and cgroup quota)"
 
 
 def cgroup_cpu_limit(root: str | os.PathLike = "/sys/fs/cgroup") -> float | None:
@@ -101,15 +103,21 @@ def choose_threads(flag: int | None, env: Mapping[str, str] | None = None,
     for key in ("DARHT_THREADS", "OMP_NUM_THREADS"):
         if env.get(key, "").strip():
             return _positive(env[key].strip(), key), key
-    return available_cpus(cgroup_root), "available CPUs (affinity and cgroup quota)"
+    return available_cpus(cgroup_root), DEFAULT_SOURCE
 
 
 def apply_threads(n: int, source: str) -> dict[str, Any]:
-    """Use ``n`` threads from now on; returns what to restore with :func:`restore_threads`."""
+    """Use ``n`` threads from now on; returns what to restore with :func:`restore_threads`.
+
+    Called by the command line before torch loads. When torch is already loaded (a program calling
+    ``distill.cli.main`` itself) and nothing asked for a number (``source`` is the default), its
+    current thread count is kept."""
     saved = {"env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}, "torch": None}
     if "torch" in sys.modules:
         import torch
 
+        if source == DEFAULT_SOURCE:  # a program that loaded torch itself chose its threads: keep them
+            n = torch.get_num_threads()
         saved["torch"] = torch.get_num_threads()
         torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)  # torch not loaded yet, and children
