@@ -7,7 +7,8 @@
 # accuracy of ResNet-18 and PreAct-ResNet-18 fell from about 0.69 at epoch 3 to 0.25 and 0.19 at
 # epoch 10). The last epoch's weights are kept (no checkpoint chosen on the test set); final clean /
 # PGD-20 on 2,000 test images. CNNs first in family order, so a partial run still spans families. Resumable: run it again after an
-# interruption and each teacher continues where it stopped (a finished one is left as it is).
+# interruption and each teacher continues from its last checkpoint (a finished one, whose weights
+# and pool entry exist, is left as it is; a run directory without a checkpoint starts again).
 #
 #   OMP_NUM_THREADS=1 bash experiments/studies/fashion-mnist-strong-teachers.sh [OUT_DIR]
 #
@@ -21,8 +22,12 @@ threads=${OMP_NUM_THREADS:-1}
 teacher() {  # NAME FAMILY EPOCHS ARGS...
   local name=$1 family=$2 epochs=$3
   shift 3
+  if [[ -f "$out/$name.safetensors" && -f "$out/$name.yaml" ]]; then
+    echo "$name: finished earlier ($out/$name.yaml)"; return 0
+  fi
   local resume=()
-  [[ -d "$out/$name.run" ]] && resume=(--resume)
+  [[ -f "$out/$name.run/checkpoint.pt" ]] && resume=(--resume)
+  [[ -z "${resume[*]}" && -d "$out/$name.run" ]] && rm -r "$out/$name.run"  # a start without a checkpoint
   darht train-teacher --name "$name" --family "$family" --dataset fashion-mnist --eps 0.1 --method pgd-at \
     --method-kwargs '{"steps": 3, "alpha": 0.05}' \
     --epochs "$epochs" --final-eval-samples 2000 --final-attacks clean,pgd20 --seed 0 --device cpu \
