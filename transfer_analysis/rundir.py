@@ -232,6 +232,19 @@ def environment_info(device: Any = None) -> dict[str, Any]:
     return info
 
 
+def update_env_json(run_dir: str | os.PathLike, **fields: Any) -> Path:
+    """Add ``fields`` to a run's ``env.json`` (written earlier by :func:`write_env_json`)."""
+    import json
+
+    path = Path(run_dir) / "env.json"
+    try:
+        env = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        env = {}
+    atomic_write_json(path, {**env, **fields})
+    return path
+
+
 def write_env_json(run_dir: str | os.PathLike, device: Any = None) -> Path:
     """Write ``env.json`` (versions, device, git revision) into a run directory."""
     path = Path(run_dir) / "env.json"

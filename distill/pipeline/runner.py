@@ -32,6 +32,7 @@ import yaml
 from distill.pipeline.config import describe_plan, load_study_config, student_runs, student_train_config, with_overrides
 from distill.tracking import check_tracking
 from transfer_analysis.errors import UserError
+from transfer_analysis.rundir import update_env_json
 from transfer_analysis.utils import (
     atomic_write_json,
     atomic_write_text,
@@ -301,19 +302,6 @@ def _stage_students(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Map
 # --------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------
-def _record_jobs(out: Path, jobs: int) -> None:
-    """``jobs`` (students at once) in the run's ``env.json``."""
-    import json
-
-    path = out / "env.json"
-    try:
-        env = json.loads(path.read_text())
-    except (OSError, ValueError):
-        env = {}
-    env["jobs"] = int(jobs)
-    atomic_write_json(path, env)
-
-
 def _students_in_parallel(cfg: Mapping[str, Any], config_path: str | os.PathLike, out: Path, jobs: int,
                           device: str, ema: float | None, tracking: Mapping[str, Any] | None) -> None:
     """Train and evaluate the unfinished students ``jobs`` at a time, each in its own process
@@ -406,7 +394,7 @@ def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None =
     rec = _stage_recommend(cfg, out, matrix_dir)
     student_ds = train_ds if cfg["students"]["train_subset"] is None else \
         ds.with_train_subset(cfg["students"]["train_subset"], cfg["seed"])
-    _record_jobs(out, jobs)
+    update_env_json(out, jobs=int(jobs))  # students at once
     if jobs > 1:
         _students_in_parallel(cfg, config_path, out, jobs, str(dev), ema, tracking)
     rows = _stage_students(cfg, out, pool_path, rec, student_ds, str(dev), tracking=tracking)

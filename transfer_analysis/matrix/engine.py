@@ -27,12 +27,13 @@ from .. import distributed as dist_utils
 from ..attacks import AttackConfig, build_attack
 from ..cache import MatrixCache, data_key
 from ..errors import UserError
+from ..models import ModelInfo, count_params
 from ..runtime import eval_mode, model_device, resolve_device, seeded
 from ..utils import progress
 from .metrics import DEFAULT_METRICS, METRICS
 from .result import TransferResult
 
-__all__ = ["transfer_matrix", "source_seed"]
+__all__ = ["transfer_matrix", "source_seed", "model_info"]
 
 logger = logging.getLogger("transfer_analysis.matrix")
 
@@ -51,18 +52,15 @@ def source_seed(seed: int, fingerprint: str) -> int:
     return int(hashlib.sha256(f"{int(seed)}:{fingerprint}".encode()).hexdigest()[:15], 16)
 
 
-def _info(pool: Mapping[str, nn.Module], name: str) -> tuple[str, int, object, str | None, bool]:
-    """``(fingerprint, params, entry, weights, new_head)`` of a pool model; a :class:`LazyPool`
-    answers from what it recorded when it built the model."""
+def model_info(pool: Mapping[str, nn.Module], name: str) -> ModelInfo:
+    """What is known of a pool model (fingerprint, size, entry, weights); a :class:`LazyPool`
+    answers from what it recorded when it built the model, a plain mapping from the model."""
     info = getattr(pool, "info", None)
     if callable(info):
-        i = info(name)
-        return i.fingerprint, i.params, i.entry, i.weights, i.new_head
-    from ..models import count_params
-
+        return info(name)
     model = pool[name]
-    return (_fingerprint(model), count_params(model), getattr(model, "entry", None), getattr(model, "weights", None),
-            bool(getattr(model, "new_head", False)))
+    return ModelInfo(name, _fingerprint(model), count_params(model), _model_bytes(model), getattr(model, "entry", None),
+                     getattr(model, "weights", None), bool(getattr(model, "new_head", False)))
 
 
 def _fingerprint(model: nn.Module) -> str:
@@ -219,7 +217,7 @@ def transfer_matrix(pool: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
     cfg = (AttackConfig(attack) if isinstance(attack, str) else attack).resolved()
     names = list(pool)
     x, y = _check_matrix_inputs(names, x, y, batch_size, metrics, shard, cache_dir)
-    fps = [_info(pool, name)[0] for name in names]
+    fps = [model_info(pool, name).fingerprint for name in names]
     reserve = 2 * x.numel() * x.element_size()
     run = _Run(pool=pool, names=names, fps=fps, cfg=cfg, x=x, y=y, x_dev=x.to(dev), y_dev=y.to(dev),
                batch_size=batch_size, device=dev, seed=seed, dataset=dataset,
@@ -364,13 +362,13 @@ class _Run:
         fps, pool, names = self.fps, self.pool, self.names
         clean_pred = torch.stack([self.clean[fp] for fp in fps])
         adv_pred = torch.stack([torch.stack([self.rows[fs][ft] for ft in fps]) for fs in fps])
-        infos = [_info(pool, name) for name in names]
+        infos = [model_info(pool, name) for name in names]
         return TransferResult(
             names=names, attack=self.cfg, labels=self.y, clean_pred=clean_pred, adv_pred=adv_pred,
-            params=[i[1] for i in infos], families=[getattr(i[2], "family", None) for i in infos],
-            archs=[getattr(i[2], "arch", None) or type(pool[name]).__name__ for i, name in zip(infos, names)],
-            fingerprints=fps, stats=self.stats, metrics=tuple(metrics), weights=[i[3] for i in infos],
-            new_heads=[i[4] for i in infos],
+            params=[i.params for i in infos], families=[getattr(i.entry, "family", None) for i in infos],
+            archs=[getattr(i.entry, "arch", None) or type(pool[name]).__name__ for i, name in zip(infos, names)],
+            fingerprints=fps, stats=self.stats, metrics=tuple(metrics), weights=[i.weights for i in infos],
+            new_heads=[i.new_head for i in infos],
         )
 
 

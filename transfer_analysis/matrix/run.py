@@ -20,7 +20,7 @@ from .. import distributed as dist_utils
 from ..attacks import AttackConfig
 from ..errors import UserError
 from ..utils import atomic_write_text, format_eps, resolve_device
-from .engine import transfer_matrix
+from .engine import model_info, transfer_matrix
 from .result import TransferResult
 
 __all__ = ["run_matrix", "save_matrix_outputs", "MATRIX_IDENTITY"]
@@ -181,9 +181,9 @@ def _run_matrix_outputs(pool: Mapping[str, nn.Module], ds: Any, dataset: str | A
         config = {
             "command": "matrix",
             "pool": str(Path(pool_path).resolve()),
-            "models": [{"name": n, "arch": _info(pool, n).entry.arch, "family": _info(pool, n).entry.family,
-                        "fingerprint": _info(pool, n).fingerprint} for n in pool],
-            "weights": {n: _info(pool, n).weights for n in pool},
+            "models": [{"name": n, "arch": model_info(pool, n).entry.arch, "family": model_info(pool, n).entry.family,
+                        "fingerprint": model_info(pool, n).fingerprint} for n in pool],
+            "weights": {n: model_info(pool, n).weights for n in pool},
             "dataset": str(dataset) if isinstance(dataset, (str, Path)) else ds.name, "data_root": data_root,
             "n_samples": n_samples, "n": int(len(indices)), "indices_sha256": indices_sha, "seed": seed,
             "attack": attack.to_dict(), "eps_readable": format_eps(attack.eps), "batch_size": batch_size,
@@ -229,27 +229,13 @@ def _run_matrix_outputs(pool: Mapping[str, nn.Module], ds: Any, dataset: str | A
     return result
 
 
-def _info(pool: Mapping[str, nn.Module], name: str) -> Any:
-    """What a :class:`~transfer_analysis.models.LazyPool` recorded of a model (or the model itself)."""
-    info = getattr(pool, "info", None)
-    return info(name) if callable(info) else pool[name]
-
-
 def _record_memory(out: Path, pool: Mapping[str, nn.Module], device: str | torch.device) -> None:
     """Add the run's peak memory and the pool's residency to ``env.json``."""
-    import json
-
+    from transfer_analysis.rundir import update_env_json
     from transfer_analysis.runtime import peak_memory
-    from transfer_analysis.utils import atomic_write_json
 
-    path = out / "env.json"
-    try:
-        env = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        env = {}
-    env["memory"] = {**peak_memory(resolve_device(device)),
+    update_env_json(out, memory={**peak_memory(resolve_device(device)),
                      "max_model_bytes": getattr(pool, "max_bytes", None),
                      "peak_model_bytes_held": getattr(pool, "peak_held_bytes", None),
-                     "pool_model_bytes": sum(_info(pool, n).nbytes for n in pool) if hasattr(pool, "info") else None,
-                     "model_builds": getattr(pool, "builds", None)}
-    atomic_write_json(path, env)
+                     "pool_model_bytes": sum(model_info(pool, n).nbytes for n in pool),
+                     "model_builds": getattr(pool, "builds", None)})
