@@ -52,3 +52,16 @@ def test_torchattacks_is_importable_for_the_registry():
     import torchattacks
 
     assert hasattr(torchattacks, "PGD")
+
+
+def test_no_source_file_is_hidden_from_git_by_an_ignore_rule():
+    """A package whose folder matches an ignore pattern (``data/``) works here and is missing from
+    every clean checkout: each source and test file must be one git would commit."""
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--git-dir"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    sources = [p.relative_to(ROOT).as_posix() for top in ("transfer_analysis", "distill", "tests", "experiments")
+               for p in (ROOT / top).rglob("*.py") if "__pycache__" not in p.parts]
+    assert sources
+    ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "--no-index", "--stdin"],
+                             input="\n".join(sources), capture_output=True, text=True).stdout.split()
+    assert ignored == [], f"ignored by .gitignore, so never committed: {ignored}"
