@@ -229,6 +229,38 @@ def test_adding_a_model_reuses_the_cache(pool, data, tmp_path, monkeypatch):
     assert_same_result(res, fresh)
 
 
+def test_rows_of_some_sources_attack_only_them_and_equal_the_matrix(pool, data, tmp_path, monkeypatch):
+    """transfer_rows: the same attack, seed and cache key as the matrix; the other models are targets only."""
+    from transfer_analysis.matrix import transfer_rows
+
+    calls: list[str] = []
+    real = matrix_mod.build_attack
+
+    def counting(cfg, model, **kw):
+        calls.append(model_fingerprint(model))
+        return real(cfg, model, **kw)
+
+    monkeypatch.setattr(matrix_mod, "build_attack", counting)
+    x, y = data
+    rows = transfer_rows(pool, x, y, ["lin1"], ATTACK, batch_size=BATCH, cache_dir=tmp_path / "cache")
+    assert calls == [model_fingerprint(pool["lin1"])]
+    assert [r["target"] for r in rows] == ["lin0", "lin2", "mlp"]
+    calls.clear()
+    full = run(pool, data, cache_dir=tmp_path / "cache")
+    assert len(calls) == 3 and full.stats["sources_from_cache"] == 1  # the row came from transfer_rows' cache
+    k, n = full.counts("transfer_rate")
+    assert all(r["n"] > 0 for r in rows) and any(r["k"] > 0 for r in rows)  # a row with something to compare
+    for r in rows:
+        j = full.names.index(r["target"])
+        assert (r["k"], r["n"]) == (int(k[1, j]), int(n[1, j]))
+        assert r["value"] == pytest.approx(full.matrix.loc["lin1", r["target"]], nan_ok=True)
+    # again, every row and clean prediction from the cache: the same rows
+    again = transfer_rows(pool, x, y, ["lin1"], ATTACK, batch_size=BATCH, cache_dir=tmp_path / "cache")
+    pd.testing.assert_frame_equal(pd.DataFrame(again), pd.DataFrame(rows))
+    with pytest.raises(UserError, match="`sources` must name models of the pool"):
+        transfer_rows(pool, x, y, ["nobody"], ATTACK)
+
+
 def test_interrupted_run_resumes(pool, data, tmp_path, monkeypatch):
     class Interrupt(Exception):
         pass

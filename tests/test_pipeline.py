@@ -152,6 +152,29 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, capsys):
     # every student was evaluated on the same images
     idx = [json.loads(p.read_text())["indices"] for p in sorted(out.glob("students/*/final_eval_indices.json"))]
     assert len(idx) == 3 and idx[0] == idx[1] == idx[2]
+    # each student with teachers was measured as a source against them (the matrix attack and images);
+    # recomputed here with the matrix engine over {student, teachers}, the row is the same
+    from distill.student import load_student
+    from transfer_analysis.attacks import AttackConfig
+    from transfer_analysis.data import load_dataset, load_indices
+    from transfer_analysis.matrix import transfer_matrix
+    from transfer_analysis.models import load_pool
+
+    detail = pd.read_csv(out / "students_detail.csv")
+    assert detail["student_teacher_transfer"].isna().tolist() == [False, False, True]  # PGD-AT has no teacher
+    st = json.loads((out / "students" / "darht-homogeneous-cnn-s0" / "student_transfer.json").read_text())
+    assert sorted(st["teachers"]) == ["cnn_a", "cnn_b"] and st["n_images"] == 48
+    ds = load_dataset(TINY["dataset"])
+    m_idx = load_indices(out / "matrix" / "indices.json")
+    teachers = load_pool(out / "pool.yaml", 4, 1, 8, names=["cnn_a", "cnn_b"])
+    ref = transfer_matrix({"student:darht-homogeneous-cnn-s0": load_student(out / "students" / "darht-homogeneous-cnn-s0"),
+                           **teachers}, ds.images("test", m_idx), ds.labels("test", m_idx),
+                          AttackConfig("pgd", eps=0.1, steps=2), batch_size=48, seed=0)
+    for t in ("cnn_a", "cnn_b"):
+        want = ref.matrix.loc["student:darht-homogeneous-cnn-s0", t]
+        assert st["teachers"][t]["transfer_rate"] == pytest.approx(want, nan_ok=True)
+    assert detail.loc[1, "student_teacher_transfer"] == pytest.approx(st["mean"], nan_ok=True)
+    assert "student_teacher_transfer" in pd.read_csv(out / "set_study.csv").columns
 
     # a second run into the same directory is refused; --resume reuses every stage
     capsys.readouterr()
@@ -214,5 +237,10 @@ def test_parallel_students_equal_one_at_a_time(tmp_path):
     a, b = pd.read_csv(one / "students.csv"), pd.read_csv(two / "students.csv")
     pd.testing.assert_frame_equal(a, b)
     assert json.loads((two / "env.json").read_text())["jobs"] == 2
-    assert sorted(p.name for p in (two / "students").glob("*.log")) == sorted(f"{i}.log" for i in
-                                                                              pd.read_csv(two / "students_detail.csv")["id"])
+    # two long-lived workers shared the queue: each student was trained by exactly one of them
+    logs = [(two / "students" / f"worker-{j}.log").read_text() for j in range(2)]
+    ids = list(pd.read_csv(two / "students_detail.csv")["id"])
+    for i in ids:
+        assert sum(f"{i} (" in log for log in logs) == 1, (i, logs)
+    assert all(any(f"{i} (" in log for i in ids) for log in logs)  # both took work
+    assert not (two / "students" / ".claims").exists()

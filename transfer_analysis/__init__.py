@@ -71,6 +71,7 @@ _EXPORTS: dict[str, str] = {
     "pgd_attack": "attacks",
     "attack_config": "attacks",
     "transfer_matrix": "matrix",
+    "transfer_rows": "matrix",
     "TransferResult": "matrix",
     "wilson_interval": "matrix",
     "save_matrix_outputs": "matrix",

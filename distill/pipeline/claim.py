@@ -12,6 +12,12 @@ averaged over seeds. Then:
   (Pearson correlation of the rank residuals after a linear fit on the covariate's ranks; p-value
   from t with n - 3 degrees of freedom).
 
+Beside the set scores, a second predictor is tested the same way: ``student_teacher_transfer``, the
+transfer rate of each trained student's own adversarial examples (the matrix attack) to its
+teachers, mean over the teachers and then over the set's seeds (after SAAD, arXiv 2512.10275, which
+finds distilled robustness tracks it). Its entries are ``spearman_student_teacher_transfer_vs_*``
+and ``partial_student_teacher_transfer_vs_*``; no direction is predicted for it.
+
 The claim predicts a *negative* rho (lower transfer, higher robustness). Students whose test PGD
 accuracy still moved by :data:`CONVERGENCE_THRESHOLD` or more over their last
 :data:`CONVERGENCE_WINDOW` epochs are "not converged" and left out of every statistic.
@@ -47,10 +53,14 @@ logger = logging.getLogger(__name__)
 CONVERGENCE_WINDOW = 2
 CONVERGENCE_THRESHOLD = 0.03
 SCORES = ("max_pair", "mean_pair")
+#: the second predictor: how well each student's own adversarial examples transfer to its teachers
+#: (mean over the teachers; a per-student measurement, averaged over a set's seeds)
+STUDENT_TRANSFER = "student_teacher_transfer"
+PREDICTORS = (*SCORES, STUDENT_TRANSFER)
 CLAIM_ATTACKS = ("pgd20", "cw", "autoattack")
 COVARIATE = "mean_teacher_robust_acc"
-SET_STUDY_COLUMNS = ["set_id", "teachers", "max_pair", "mean_pair", COVARIATE, "seed", "clean_acc", "pgd20_acc",
-                     "cw_acc", "autoattack_acc", "converged", "pgd_change_last_epochs", "epochs", "milestones",
+SET_STUDY_COLUMNS = ["set_id", "teachers", "max_pair", "mean_pair", COVARIATE, STUDENT_TRANSFER, "seed",
+                     "clean_acc", "pgd20_acc", "cw_acc", "autoattack_acc", "converged", "pgd_change_last_epochs", "epochs", "milestones",
                      "weight_decay", "lr", "batch_size"]
 _PROTOCOL = ("epochs", "lr", "lr_schedule", "milestones", "gamma", "weight_decay", "batch_size", "momentum",
              "optimizer")
@@ -208,13 +218,16 @@ def per_set_table(set_rows: pd.DataFrame) -> pd.DataFrame:
         row: dict[str, Any] = {"set_id": set_id, "teachers": g["teachers"].iloc[0],
                                "named": g["teacher_set"].iloc[0] != "sampled",
                                **{c: float(g[c].iloc[0]) for c in (*SCORES, COVARIATE)}, "n_seeds": int(len(g))}
+        measured = pd.to_numeric(g.get(STUDENT_TRANSFER), errors="coerce").dropna() \
+            if STUDENT_TRANSFER in g else pd.Series(dtype=float)
+        row[STUDENT_TRANSFER] = float(measured.mean()) if len(measured) else math.nan
         for attack in ("clean", *CLAIM_ATTACKS):
             vals = pd.to_numeric(g.get(f"{attack}_acc"), errors="coerce").dropna() \
                 if f"{attack}_acc" in g else pd.Series(dtype=float)
             row[f"{attack}_mean"] = float(vals.mean()) if len(vals) else math.nan
             row[f"{attack}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
         out.append(row)
-    columns = ["set_id", "teachers", "named", *SCORES, COVARIATE, "n_seeds",
+    columns = ["set_id", "teachers", "named", *SCORES, COVARIATE, STUDENT_TRANSFER, "n_seeds",
                *(f"{a}_{m}" for a in ("clean", *CLAIM_ATTACKS) for m in ("mean", "std"))]
     return pd.DataFrame(out, columns=columns)
 
@@ -227,7 +240,9 @@ def claim_statistics(sets: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> d
         col = f"{attack}_mean"
         if col not in sets or sets[col].notna().sum() < 3:
             continue
-        for score in SCORES:
+        for score in PREDICTORS:
+            if score not in sets or sets[score].notna().sum() < 3:
+                continue
             out[f"spearman_{score}_vs_{attack}"] = spearman_ci(sets[score], sets[col], n_boot, seed)
             out[f"partial_{score}_vs_{attack}"] = partial_spearman_ci(sets[score], sets[col], sets[COVARIATE],
                                                                       n_boot, seed)

@@ -22,6 +22,14 @@ A study config is one YAML file (see ``experiments/configs/``)::
         - {method: pgd-at, teacher_set: none}
     evaluation: {n_samples: 1000, attacks: [clean, fgsm, pgd20, cw, autoattack]}
 
+``students.tune`` gives methods the same small grid (at most :data:`MAX_TUNE_SETTINGS` settings of
+the method's options each, e.g. ``{darht: [{kd_weight: 1}, {kd_weight: 4}], rslad: [...]}``), and
+``students.validation`` the images held out of the students' training data to choose on: each
+setting trains one student (the method's first run, the first seed) on the rest, the setting with
+the best validation PGD-20 is chosen (ties: the first), and every student of that method runs it.
+The test set plays no part in the choice. With ``validation`` set, every student (tuned or not)
+trains without the held-out images, so all methods see the same data.
+
 ``students.train_subset`` (default: the study's ``train_subset``) trains the students on a smaller
 seeded class-balanced part of the training set; ``evaluation.attack_samples`` (e.g.
 ``{autoattack: 200}``) runs an expensive attack on a nested class-balanced part of the
@@ -54,7 +62,8 @@ from transfer_analysis.errors import UserError
 from transfer_analysis.models import parse_pool_entries
 from transfer_analysis.utils import parse_eps, read_yaml
 
-__all__ = ["TEACHER_SETS", "NAMED_SETS", "DEFAULTS", "TRAINING_DEFAULTS", "PROTOCOL_KEYS", "load_study_config",
+__all__ = ["TEACHER_SETS", "NAMED_SETS", "DEFAULTS", "TRAINING_DEFAULTS", "PROTOCOL_KEYS", "MAX_TUNE_SETTINGS",
+           "load_study_config",
            "with_overrides",
            "validate_study_config", "student_runs", "student_train_config", "describe_plan"]
 
@@ -89,10 +98,13 @@ DEFAULTS: dict[str, Any] = {
     "matrix": {"n_samples": 1000, "attack": "pgd", "steps": 10, "step_size": None, "batch_size": 256},
     "recommend": {"k": 3, "objective": "minimax", "pair": "max", "high_objective": "mean"},
     "students": {"arch": None, "kwargs": {}, "epochs": 10, "lr": 0.1, "seeds": [0], "runs": [],
-                 "method_kwargs": {}, "eval_samples": 500, "train_subset": None, "ema": None},
+                 "method_kwargs": {}, "eval_samples": 500, "train_subset": None, "ema": None, "tune": None,
+                 "validation": None},
     "evaluation": {"n_samples": 1000, "attacks": ["clean", "fgsm", "pgd20", "cw", "autoattack"],
                    "batch_size": 256, "attack_samples": {}},
 }
+#: most settings ``students.tune`` may give one method (a small grid: equal tuning, not a search)
+MAX_TUNE_SETTINGS = 4
 _NEEDS = {"darht": "set", "ard": "one", "rslad": "one", "kd": "one", "mtard": "two",
           "pgd-at": "none", "trades": "none", "fast-at": "none", "standard": "none"}
 
@@ -249,6 +261,31 @@ def _check_students_section(cfg: dict[str, Any], source: str, names: list[str], 
     s["runs"] = runs
 
     as_int(s["train_subset"], f"{source}: students.train_subset", 1, allow_none=True, exact=True)
+    _check_tuning(s, source)
+
+
+def _check_tuning(s: dict[str, Any], source: str) -> None:
+    """``students.tune`` (method -> 1..MAX_TUNE_SETTINGS option mappings, methods the study runs) and
+    ``students.validation`` (required with it)."""
+    as_int(s["validation"], f"{source}: students.validation", 1, allow_none=True, exact=True)
+    tune = s["tune"] or {}
+    if not isinstance(tune, Mapping):
+        raise UserError(f"{source}: students.tune maps methods to lists of settings, e.g. "
+                        "{darht: [{kd_weight: 1}, {kd_weight: 4}]}")
+    methods = [r["method"] for r in s["runs"]]
+    for method, settings in tune.items():
+        if method not in methods:
+            raise UserError(f"{source}: students.tune.{method}: no run of the study uses {method} "
+                            f"(runs: {', '.join(dict.fromkeys(methods))})")
+        if not isinstance(settings, list) or not 1 <= len(settings) <= MAX_TUNE_SETTINGS or \
+                not all(isinstance(v, Mapping) for v in settings):
+            raise UserError(f"{source}: students.tune.{method} must list 1 to {MAX_TUNE_SETTINGS} settings, each a "
+                            "mapping of the method's options")
+    if tune and s["validation"] is None:
+        raise UserError(f"{source}: students.tune needs students.validation, the number of training images held "
+                        "out to choose on (the test set is never used to choose)")
+    # None when untuned: a run started before tuning existed resumes (an unset option is the old behaviour)
+    s["tune"] = {m: [dict(v) for v in settings] for m, settings in tune.items()} or None
 
 
 def _check_student_run(run: Any, where: str, names: list[str], families: dict[str, str | None], k: int,
@@ -370,10 +407,14 @@ def _training_protocol(raw: Mapping[str, Any], cfg: dict[str, Any], source: str)
 
 
 def student_train_config(cfg: Mapping[str, Any], run: Mapping[str, Any], teachers: list[str],
-                         pool: str | None = None, device: str = "cpu") -> dict[str, Any]:
+                         pool: str | None = None, device: str = "cpu",
+                         setting: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``darht distill`` configuration of one student of a study: the one place that applies the
     study's protocol (``training:``, else ``students.epochs``/``lr`` and the methods' reference
     defaults), the method's hyperparameters and the student's evaluation.
+
+    ``setting``: the method's tuned options (``students.tune``: the chosen one, or the one being
+    tried); they override ``students.method_kwargs`` and are overridden by the run's own ``kwargs``.
 
     Example:
         >>> cfg = validate_study_config({"dataset": "synthetic", "pool": [
@@ -390,7 +431,7 @@ def student_train_config(cfg: Mapping[str, Any], run: Mapping[str, Any], teacher
 
     s, ev = cfg["students"], cfg["evaluation"]
     attacks = list(run.get("attacks") or ev["attacks"])
-    method_kwargs = {**(s["method_kwargs"].get(run["method"]) or {}), **run["kwargs"]}
+    method_kwargs = {**(s["method_kwargs"].get(run["method"]) or {}), **dict(setting or {}), **run["kwargs"]}
     config: dict[str, Any] = {
         "method": run["method"], "student": run["arch"], "student_kwargs": dict(s["kwargs"]),
         "dataset": cfg["dataset"], "data_root": cfg["data_root"], "pool": pool, "teachers": list(teachers),
@@ -424,13 +465,21 @@ def _check_student_configs(cfg: Mapping[str, Any], source: str) -> None:
         if key in seen:
             continue
         seen.add(key)
-        conf = student_train_config(cfg, run, [])
-        try:
-            resolved = resolve_config(conf)
-            create_method(resolved.method, eps=resolved.eps, **resolved.method_kwargs)
-        except UserError as err:
-            raise UserError(f"{source}: students.runs {run['label']!r}: {err}") from None
+        for j, setting in enumerate((cfg["students"]["tune"] or {}).get(run["method"]) or [None]):
+            conf = student_train_config(cfg, run, [], setting=setting)
+            where = f"students.runs {run['label']!r}" + (f" with students.tune.{run['method']} #{j + 1}"
+                                                         if setting is not None else "")
+            try:
+                resolved = resolve_config(conf)
+                create_method(resolved.method, eps=resolved.eps, **resolved.method_kwargs)
+            except UserError as err:
+                raise UserError(f"{source}: {where}: {err}") from None
         images = cfg["students"]["train_subset"] or cfg["train_subset"]
+        if images is not None and cfg["students"]["validation"] is not None:
+            if cfg["students"]["validation"] >= images:
+                raise UserError(f"{source}: students.validation ({cfg['students']['validation']}) leaves none of the "
+                                f"{images} training images to train on")
+            images -= cfg["students"]["validation"]
         if images is not None and resolved.batch_size > images:  # what the trainer refuses, said now
             raise UserError(f"{source}: students.runs {run['label']!r}: batch size {resolved.batch_size} exceeds the "
                             f"{images} training images; lower the batch size or raise the training subset")
@@ -507,6 +556,9 @@ def describe_plan(cfg: Mapping[str, Any]) -> list[str]:
     subset = f" on {s['train_subset']} training images" if s["train_subset"] else ""
     lines.append(f"4. students: {len(runs)} runs of {' and '.join(s['archs'])} x {s['epochs']} epochs{subset} ("
                  + ", ".join(r_["label"] for r_ in s["runs"]) + f"; seeds {s['seeds']})")
+    if s["tune"]:
+        lines.append(f"   tuning on {s['validation']} held-out training images by validation PGD-20, first run and "
+                     f"seed of each method: " + "; ".join(f"{m} x{len(v)}" for m, v in s["tune"].items()))
     ev = cfg["evaluation"]
     parts = ", ".join(f"{a} on {ev['attack_samples'][a]} of them" for a in ev["attack_samples"])
     lines.append(f"5. evaluation: {', '.join(ev['attacks'])} on {ev['n_samples']} test images per student"

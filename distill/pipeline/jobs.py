@@ -6,8 +6,9 @@ system), each a self-contained ``darht pipeline ... --only ITEM`` command:
 1. ``teacher:NAME`` for every teacher trained here (no dependency);
 2. ``matrix:I/N`` for I = 0..N-1 (after 1): the sources ``% N == I`` attacked into the matrix cache;
 3. ``recommend`` (after 2): assembles the matrix from the cache (no new attack) and picks the sets;
-4. ``student:ID`` for every student (after 3): training and its final evaluation;
-5. ``darht pipeline ... --resume`` (after 4): the tables, the claim and the report (all cached).
+4. ``tune`` (after 3, only when the study has ``students.tune``): every setting on the validation split;
+5. ``student:ID`` for every student (after 4, else 3): training and its final evaluation;
+6. ``darht pipeline ... --resume`` (after 5): the tables, the claim and the report (all cached).
 
 ``emit_commands`` initializes the run directory (its ``config.yaml``, once, so the array tasks never
 race to write it) and writes each stage's commands, one per line, to ``OUT/commands/STAGE.txt``:
@@ -54,17 +55,19 @@ class Stage:
 
 
 def parse_item(text: str) -> tuple[str, Any]:
-    """``teacher:NAME``, ``matrix:I/N``, ``recommend`` or ``student:ID`` -> ``(kind, value)``."""
+    """``teacher:NAME``, ``matrix:I/N``, ``recommend``, ``tune``, ``student:ID`` or ``students`` (a worker of
+    ``darht pipeline --jobs``: every unfinished student no other worker claimed) -> ``(kind, value)``."""
     kind, sep, value = str(text).partition(":")
-    if kind == "recommend" and not sep:
-        return "recommend", None
+    if kind in ("recommend", "tune", "students") and not sep:
+        return kind, None
     if kind in ("teacher", "student") and sep and value:
         return kind, value
     if kind == "matrix" and sep:
         i, slash, n = value.partition("/")
         if slash and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n):
             return "matrix", (int(i), int(n))
-    raise UserError(f"`only` takes teacher:NAME, matrix:I/N (0 <= I < N), recommend or student:ID, got {text!r}")
+    raise UserError(f"`only` takes teacher:NAME, matrix:I/N (0 <= I < N), recommend, tune, student:ID or students, "
+                    f"got {text!r}")
 
 
 def run_item(config_path: str | Path, out: str | Path, item: str, device: str = "auto", *,
@@ -105,9 +108,15 @@ def run_item(config_path: str | Path, out: str | Path, item: str, device: str = 
     if not rec_path.is_file():
         raise UserError(f"{rec_path} is missing; run the recommend item first (`only` recommend)")
     rec = json.loads(rec_path.read_text())
-    student_ds = train_ds if cfg["students"]["train_subset"] is None else \
-        ds.with_train_subset(cfg["students"]["train_subset"], cfg["seed"])
-    _stage_students(cfg, out, pool_path, rec, student_ds, dev, only=value, tracking=tracking)
+    from distill.pipeline.runner import CLAIMS_DIR, _stage_tuning, student_data
+
+    student_ds, val_ds = student_data(cfg, ds, train_ds)
+    if kind == "tune":
+        _stage_tuning(cfg, out, pool_path, rec, val_ds, dev, tracking=tracking)
+        return
+
+    _stage_students(cfg, out, pool_path, rec, student_ds, dev, only=value, tracking=tracking,
+                    claims=out / "students" / CLAIMS_DIR if kind == "students" else None)
 
 
 def emit_commands(config_path: str | Path, out: str | Path, *, shards: int = 4, device: str = "auto",
@@ -145,7 +154,9 @@ def emit_commands(config_path: str | Path, out: str | Path, *, shards: int = 4, 
         Stage("teachers", [only(f"teacher:{p['name']}") for p in cfg["pool"] if "train" in p], None),
         Stage("matrix", [only(f"matrix:{i}/{shards}") for i in range(shards)], "teachers"),
         Stage("recommend", [only("recommend")], "matrix"),
-        Stage("students", [only(f"student:{r['id']}") for r in student_runs(cfg)], "recommend"),
+        Stage("tune", [only("tune")] if cfg["students"]["tune"] else [], "recommend"),
+        Stage("students", [only(f"student:{r['id']}") for r in student_runs(cfg)],
+              "tune" if cfg["students"]["tune"] else "recommend"),
         Stage("report", [[*base, "--resume"]], "students"),
     ]
     stages = [s for s in stages if s.argvs]

@@ -295,8 +295,26 @@ def _claim_lines(claim: Mapping[str, Any], out: Path) -> list[str]:
     return lines + [""]
 
 
+def _tuning_lines(tuning: Mapping[str, Any]) -> list[str]:
+    """The grid each method was given, every setting's validation accuracy, and the choice."""
+    attack = tuning["attack"]
+    lines = ["## Tuning", "",
+             f"Every tuned method got the same small grid; each setting trained one student (the method's first "
+             f"run and seed) on the training images less {tuning['validation_images']} held out, and the setting "
+             f"with the best validation {attack} was chosen (ties: the first). The test set played no part. Every "
+             "student of the method below ran its chosen setting.", "",
+             f"| method | run | setting | validation clean | validation {attack} | chosen |", "|---|---|---|---|---|---|"]
+    for method, e in tuning["methods"].items():
+        for j, setting in enumerate(e["settings"]):
+            shown = ", ".join(f"{k}={v}" for k, v in setting.items()) or "(defaults)"
+            lines.append(f"| {method} | {e['run']} | {shown} | {e['validation_clean'][j]:.3f} | "
+                         f"{e[f'validation_{attack}'][j]:.3f} | {'yes' if j == e['chosen_index'] else ''} |")
+    return lines + [""]
+
+
 def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], students: pd.DataFrame,
-                 command: Sequence[str], claim: Mapping[str, Any] | None = None) -> Path:
+                 command: Sequence[str], claim: Mapping[str, Any] | None = None,
+                 tuning: Mapping[str, Any] | None = None) -> Path:
     """Write ``report.md`` (and the PNG/CSV files it shows) into ``out``: one function per section."""
     matrix_dir = out / "matrix"
     for name in ("transfer_matrix.csv", "models.csv", "transfer_heatmap.png", "transfer_long.csv"):
@@ -315,7 +333,7 @@ def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stud
     acc = models.set_index("model") if models is not None else None
     lines = _intro_lines(cfg, command) + _pool_lines(cfg, acc) + _matrix_lines() + _sets_lines(rec)
     student_lines, unconverged = _students_lines(cfg, students, summary, curves is not None)
-    lines += student_lines + _findings_lines(summary, students, rec, acc, robust_col, unconverged, claim)
+    lines += (_tuning_lines(tuning) if tuning else []) + student_lines + _findings_lines(summary, students, rec, acc, robust_col, unconverged, claim)
     if claim is not None:
         lines += _claim_lines(claim, out)
     path = out / "report.md"

@@ -63,6 +63,10 @@ class PipelineResult:
     report: Path | None = None
 
 
+#: where the workers of ``--jobs`` claim students (removed when they end)
+CLAIMS_DIR = ".claims"
+
+
 def _status(stage: str, message: str) -> None:
     logger.info("[%s] %s", stage, message)
 
@@ -163,12 +167,10 @@ def _stage_pool(cfg: Mapping[str, Any], out: Path, train_ds: Any, device: str, *
 def _stage_matrix(cfg: Mapping[str, Any], out: Path, pool_path: Path, ds: Any, device: str,
                   shard: tuple[int, int] | None = None) -> Path:
     """The transferability matrix of the pool (``shard``: one array task's sources into the cache)."""
-    from transfer_analysis.attacks import AttackConfig
     from transfer_analysis.matrix import run_matrix
 
     m = cfg["matrix"]
-    attack = AttackConfig(name=m["attack"], eps=cfg["eps_value"], steps=m["steps"],
-                          step_size=None if m["step_size"] is None else float(eval_fraction(m["step_size"])))
+    attack = matrix_attack(cfg)
     _status("matrix", f"{m['attack']} on {m['n_samples']} test images, {len(cfg['pool'])} models"
             + (f", shard {shard[0]}/{shard[1]}" if shard else ""))
     result = run_matrix(pool_path, ds, out / "matrix", n_samples=m["n_samples"], attack=attack,
@@ -177,6 +179,52 @@ def _stage_matrix(cfg: Mapping[str, Any], out: Path, pool_path: Path, ds: Any, d
         _status("matrix", f"done (attacks run: {result.stats['attacks_run']}, from cache: "
                 f"{result.stats['sources_from_cache']})")
     return out / "matrix"
+
+
+def matrix_attack(cfg: Mapping[str, Any]) -> Any:
+    """The study's matrix attack (``matrix:`` at the study's ε): what measures teacher-to-teacher and
+    student-to-teacher transfer alike."""
+    from transfer_analysis.attacks import AttackConfig
+
+    m = cfg["matrix"]
+    return AttackConfig(name=m["attack"], eps=cfg["eps_value"], steps=m["steps"],
+                        step_size=None if m["step_size"] is None else float(eval_fraction(m["step_size"])))
+
+
+#: per student with teachers: the transfer rate of its own adversarial examples to each teacher
+STUDENT_TRANSFER_FILE = "student_transfer.json"
+
+
+def student_transfer(cfg: Mapping[str, Any], out: Path, run: Mapping[str, Any], teachers: Sequence[str],
+                     pool: Mapping[str, Any], ds: Any, device: str) -> dict[str, Any]:
+    """How well a trained student's adversarial examples transfer to its teachers: the student is a
+    source of the matrix engine (:func:`~transfer_analysis.matrix.transfer_rows`: the matrix attack,
+    the matrix's test images and cache), each teacher a target. Written once to the student's
+    ``student_transfer.json``; ``mean`` and ``max`` over the teachers."""
+    import json
+    import math
+
+    from distill.student import load_student
+    from transfer_analysis.data import load_indices
+    from transfer_analysis.matrix import transfer_rows
+
+    run_dir = out / "students" / run["id"]
+    path = run_dir / STUDENT_TRANSFER_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    idx = load_indices(out / "matrix" / "indices.json")
+    source = f"student:{run['id']}"
+    models = {source: load_student(run_dir), **{t: pool[t] for t in teachers}}
+    attack = matrix_attack(cfg)
+    rows = transfer_rows(models, ds.images("test", idx), ds.labels("test", idx), [source], attack,
+                         batch_size=cfg["matrix"]["batch_size"], device=device, cache_dir=out / "matrix" / "cache",
+                         seed=cfg["seed"], dataset=ds.name, indices=idx)
+    values = [r["value"] for r in rows if not math.isnan(r["value"])]
+    result = {"attack": attack.to_dict(), "n_images": int(len(idx)),
+              "teachers": {r["target"]: {"transfer_rate": r["value"], "k": r["k"], "n": r["n"]} for r in rows},
+              "mean": sum(values) / len(values) if values else math.nan, "max": max(values) if values else math.nan}
+    atomic_write_json(path, result)
+    return result
 
 
 def eval_fraction(value: Any) -> float:
@@ -255,9 +303,118 @@ def _teachers_for(run: Mapping[str, Any], rec: Mapping[str, Any]) -> list[str]:
     return list(rec[tset]["sets"][0]["teachers"])
 
 
+def student_data(cfg: Mapping[str, Any], ds: Any, train_ds: Any) -> tuple[Any, Any]:
+    """``(students' training data, validation data)``: ``students.train_subset`` (else the study's
+    training images) without the ``students.validation`` held-out images, and a dataset whose test
+    split is those images (``None`` without ``validation``). The one rule for a whole run and for
+    array items."""
+    s = cfg["students"]
+    base = train_ds if s["train_subset"] is None else ds.with_train_subset(s["train_subset"], cfg["seed"])
+    if s["validation"] is None:
+        return base, None
+    try:
+        return base.holdout(s["validation"], seed=cfg["seed"])
+    except UserError as err:
+        raise UserError(f"students.validation: {err}") from None
+
+
+#: the tuning's outcome in the run directory: every setting's validation PGD-20 and the choice
+TUNING_FILE = "tuning.json"
+#: what a setting is chosen by (on the validation images)
+TUNING_ATTACK = "pgd20"
+
+
+def tuning_runs(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One run per (method, setting) of ``students.tune``: the method's first student run (its first
+    architecture and seed) with the setting, id ``tune-METHOD-J``."""
+    runs = student_runs(cfg)
+    out = []
+    for method, settings in (cfg["students"]["tune"] or {}).items():
+        first = next(r for r in runs if r["method"] == method)
+        for j, setting in enumerate(settings):
+            out.append({**first, "id": f"tune-{method}-{j + 1}", "setting": dict(setting), "setting_index": j})
+    return out
+
+
+def _stage_tuning(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Mapping[str, Any], val_ds: Any,
+                  device: str, tracking: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Train every setting of ``students.tune`` once, evaluated on the held-out validation images only,
+    and choose per method the setting with the best validation PGD-20 (ties: the first). Writes and
+    returns ``tuning.json``; each setting's run is kept under ``OUT/tuning/ID`` (resumable)."""
+    import json
+
+    from distill.trainer import train
+    from transfer_analysis.models import load_pool
+
+    if not cfg["students"]["tune"]:
+        return {}
+    path = out / TUNING_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    pool = None
+    results: dict[str, Any] = {}
+    runs = tuning_runs(cfg)
+    for i, run in enumerate(runs):
+        teachers = _teachers_for(run, rec)
+        run_dir = out / "tuning" / run["id"]
+        if not (run_dir / "metrics.json").is_file():
+            if teachers and pool is None:
+                pool = load_pool(pool_path, val_ds.num_classes, val_ds.in_chans, val_ds.image_size)
+            _status("tuning", f"{run['id']} ({i + 1}/{len(runs)}): {run['method']} {run['setting']}")
+            config = {**student_train_config(cfg, run, teachers, pool=str(pool_path), device=device,
+                                             setting=run["setting"]),
+                      # evaluated on the validation images (val_ds's test split): the one tuning metric
+                      "final_attacks": ["clean", TUNING_ATTACK], "final_eval_samples": None,
+                      "final_attack_samples": {}, **dict(tracking or {})}
+            train(config, run_dir, resume=(run_dir / "config.yaml").is_file(), dataset=val_ds,
+                  teachers={n: pool[n] for n in teachers} if teachers else None)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        entry = results.setdefault(run["method"], {"run": run["label"], "seed": run["seed"], "settings": [],
+                                                   f"validation_{TUNING_ATTACK}": [], "validation_clean": []})
+        entry["settings"].append(run["setting"])
+        entry[f"validation_{TUNING_ATTACK}"].append(metrics["accuracy"][TUNING_ATTACK])
+        entry["validation_clean"].append(metrics["accuracy"]["clean"])
+    for method, entry in results.items():
+        scores = entry[f"validation_{TUNING_ATTACK}"]
+        best = max(range(len(scores)), key=lambda j: (round(scores[j], 9), -j))
+        entry["chosen_index"], entry["chosen"] = best, entry["settings"][best]
+        _status("tuning", f"{method}: chose {entry['chosen']} (validation {TUNING_ATTACK} {scores[best]:.4f})")
+    tuning = {"validation_images": int(len(val_ds.y_test)), "attack": TUNING_ATTACK, "methods": results}
+    atomic_write_json(path, tuning)
+    return tuning
+
+
+def chosen_settings(cfg: Mapping[str, Any], out: Path) -> dict[str, dict[str, Any]]:
+    """method -> its chosen ``students.tune`` setting, from ``tuning.json`` (refused when the study
+    tunes and the tuning has not run)."""
+    import json
+
+    if not cfg["students"]["tune"]:
+        return {}
+    path = out / TUNING_FILE
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the study tunes its methods (students.tune); run the tuning first "
+                        "(`only` tune, or the whole pipeline)")
+    return {m: e["chosen"] for m, e in json.loads(path.read_text())["methods"].items()}
+
+
+def _claim(claims: Path, run_id: str) -> bool:
+    """Take student ``run_id`` for this worker (an atomic create of ``claims/ID``); False when another
+    worker of the same ``--jobs`` run has it."""
+    claims.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(claims / run_id, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def _stage_students(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Mapping[str, Any], train_ds: Any,
                     device: str, only: str | None = None,
-                    tracking: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+                    tracking: Mapping[str, Any] | None = None, claims: Path | None = None) -> list[dict[str, Any]]:
+    """Train and evaluate every unfinished student (or the one ``only`` names) and return one row per
+    student. With ``claims`` (a worker of ``--jobs``), train the unfinished students no other worker
+    has claimed, in study order, and return no rows (the parent gathers them)."""
     from distill.pipeline.claim import convergence, student_protocol
     from distill.trainer import train
     from transfer_analysis.models import load_pool
@@ -269,21 +426,31 @@ def _stage_students(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Map
             raise UserError(f"no student {only!r} in the study; ids: {', '.join(r['id'] for r in student_runs(cfg))}")
     pool = None
     rows = []
+    chosen = chosen_settings(cfg, out)
     for i, run in enumerate(runs):
         teachers = _teachers_for(run, rec)
         run_dir = out / "students" / run["id"]
         metrics_path = run_dir / "metrics.json"
+        if claims is not None and (metrics_path.is_file() or not _claim(claims, run["id"])):
+            continue
         if not metrics_path.is_file():
             if teachers and pool is None:
                 pool = load_pool(pool_path, train_ds.num_classes, train_ds.in_chans, train_ds.image_size)
             _status("students", f"{run['id']} ({i + 1}/{len(runs)}): {run['method']} from "
                     f"{', '.join(teachers) or 'no teacher'}")
-            config = {**student_train_config(cfg, run, teachers, pool=str(pool_path), device=device),
-                      **dict(tracking or {})}
+            config = {**student_train_config(cfg, run, teachers, pool=str(pool_path), device=device,
+                                             setting=chosen.get(run["method"])), **dict(tracking or {})}
             train(config, run_dir, resume=(run_dir / "config.yaml").is_file(), dataset=train_ds,
                   teachers={n: pool[n] for n in teachers} if teachers else None)
         else:
             _status("students", f"{run['id']}: finished earlier")
+        transfer = None
+        if teachers:
+            if pool is None and not (run_dir / STUDENT_TRANSFER_FILE).is_file():
+                pool = load_pool(pool_path, train_ds.num_classes, train_ds.in_chans, train_ds.image_size)
+            transfer = student_transfer(cfg, out, run, teachers, pool, train_ds, device)
+        if claims is not None:
+            continue
         import json
 
         metrics = json.loads(metrics_path.read_text())
@@ -292,6 +459,7 @@ def _stage_students(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Map
         for attack, column in _ATTACK_COLUMNS.items():
             row[column] = metrics["accuracy"].get(attack)
         row["worst_case_acc"] = metrics.get("worst_case")
+        row["student_teacher_transfer"] = transfer["mean"] if transfer else None
         row["flags"] = "; ".join(metrics.get("flags", []))
         row.update(student_protocol(run_dir))
         row.update(convergence(run_dir))
@@ -304,10 +472,12 @@ def _stage_students(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Map
 # --------------------------------------------------------------------------------------------
 def _students_in_parallel(cfg: Mapping[str, Any], config_path: str | os.PathLike, out: Path, jobs: int,
                           device: str, ema: float | None, tracking: Mapping[str, Any] | None) -> None:
-    """Train and evaluate the unfinished students ``jobs`` at a time, each in its own process
-    (``darht pipeline --only student:ID``, the array-task path) with ``threads // jobs`` threads;
-    every student is seeded by itself, so the results are those of one process with as many
-    threads each. Each process's output goes to ``OUT/students/ID.log``."""
+    """Train and evaluate the unfinished students with ``jobs`` worker processes of ``threads // jobs``
+    threads each (``darht pipeline --only students``). A worker imports torch and reads the data and
+    the pool once, then takes the next student no other worker has claimed until none is left, so
+    start-up is paid once per worker, not per student. Every student is seeded by itself, so the
+    results are those of one process. Worker J's output goes to ``OUT/students/worker-J.log``."""
+    import shutil
     import subprocess
     import sys
 
@@ -317,38 +487,36 @@ def _students_in_parallel(cfg: Mapping[str, Any], config_path: str | os.PathLike
     pending = [r for r in student_runs(cfg) if not (out / "students" / r["id"] / "metrics.json").is_file()]
     if not pending:
         return
+    jobs = min(jobs, len(pending))
     threads = max(1, int(thread_policy().get("threads") or available_cpus()) // jobs)
+    claims = out / "students" / CLAIMS_DIR
+    shutil.rmtree(claims, ignore_errors=True)  # this run's workers are the only claimants
     base = [sys.executable, "-m", "distill.cli", "pipeline", "--config", str(config_path), "--out", str(out),
-            "--device", device, "--threads", str(threads), *_option_flags(ema, dict(tracking or {}))]
+            "--device", device, "--threads", str(threads), *_option_flags(ema, dict(tracking or {})),
+            "--only", "students"]
     (out / "students").mkdir(parents=True, exist_ok=True)
-    _status("students", f"{len(pending)} student(s), {jobs} at a time, {threads} thread(s) each")
-    running: list[tuple[dict[str, Any], subprocess.Popen, Any]] = []
-    failed: list[str] = []
-    queue = list(pending)
+    _status("students", f"{len(pending)} student(s), {jobs} worker(s) of {threads} thread(s)")
+    workers: list[tuple[int, subprocess.Popen, Any]] = []
     try:
-        while queue or running:
-            while queue and len(running) < jobs:
-                run = queue.pop(0)
-                log = open(out / "students" / f"{run['id']}.log", "w")  # noqa: SIM115 - closed when it ends
-                proc = subprocess.Popen([*base, "--only", f"student:{run['id']}"], stdout=log, stderr=subprocess.STDOUT)
-                running.append((run, proc, log))
-            time.sleep(0.2)
-            for item in list(running):
-                run, proc, log = item
-                if proc.poll() is not None:
-                    log.close()
-                    running.remove(item)
-                    if proc.returncode != 0:
-                        failed.append(run["id"])
-                    else:
-                        _status("students", f"{run['id']}: done")
-    finally:
-        for _, proc, log in running:  # interrupted: stop the others too (each resumes later)
-            proc.terminate()
+        for j in range(jobs):
+            log = open(out / "students" / f"worker-{j}.log", "w")  # noqa: SIM115 - closed when it ends
+            workers.append((j, subprocess.Popen(base, stdout=log, stderr=subprocess.STDOUT), log))
+        for _, proc, log in workers:
             proc.wait()
             log.close()
-    if failed:
-        raise UserError(f"student(s) {', '.join(failed)} failed; see {out / 'students'}/ID.log (then --resume)")
+    finally:
+        for _, proc, log in workers:  # interrupted: stop the others too (each student resumes later)
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+            log.close()
+        shutil.rmtree(claims, ignore_errors=True)
+    failed = [f"worker-{j}" for j, proc, _ in workers if proc.returncode != 0]
+    unfinished = [r["id"] for r in pending if not (out / "students" / r["id"] / "metrics.json").is_file()]
+    if failed or unfinished:
+        raise UserError(f"{len(unfinished)} student(s) unfinished ({', '.join(unfinished[:4])}"
+                        f"{' ...' if len(unfinished) > 4 else ''}); see {out / 'students'}/worker-J.log, then "
+                        "--resume")
 
 
 def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None = None, *, resume: bool = False,
@@ -392,8 +560,8 @@ def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None =
     pool_path = _stage_pool(cfg, out, train_ds, str(dev), tracking=tracking)
     matrix_dir = _stage_matrix(cfg, out, pool_path, ds, str(dev))
     rec = _stage_recommend(cfg, out, matrix_dir)
-    student_ds = train_ds if cfg["students"]["train_subset"] is None else \
-        ds.with_train_subset(cfg["students"]["train_subset"], cfg["seed"])
+    student_ds, val_ds = student_data(cfg, ds, train_ds)
+    tuning = _stage_tuning(cfg, out, pool_path, rec, val_ds, str(dev), tracking=tracking)
     update_env_json(out, jobs=int(jobs))  # students at once
     if jobs > 1:
         _students_in_parallel(cfg, config_path, out, jobs, str(dev), ema, tracking)
@@ -402,7 +570,7 @@ def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None =
     atomic_write_text(out / "students.csv", students[STUDENT_COLUMNS].to_csv(index=False))
     atomic_write_text(out / "students_detail.csv", students.to_csv(index=False))
     claim = write_claim(out, cfg, rec, students)
-    report = write_report(out, cfg, rec, students, argv, claim=claim)
+    report = write_report(out, cfg, rec, students, argv, claim=claim, tuning=tuning or None)
     _status("report", f"wrote {report}")
     sets = {"low-transfer": _teachers_for({"teacher_set": "low-transfer"}, rec),
             "high-transfer": _teachers_for({"teacher_set": "high-transfer"}, rec),

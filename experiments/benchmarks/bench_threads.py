@@ -54,20 +54,20 @@ def _epoch(tmp: Path, tag: str, threads: int | None, env_extra: dict[str, str] |
     return float(row[header.index("epoch_time_s")])
 
 
-def _study(tmp: Path, jobs: int) -> float:
+def _study(tmp: Path, jobs: int, epochs: int = 2) -> float:
     cfg = {"study": "bench", "dataset": "synthetic:num_classes=4,in_chans=1,image_size=16,n_train=512,n_test=64",
            "seed": 0, "eps": 0.1, "batch_size": 64,
            "pool": [{"name": n, "arch": "resnet18_cifar", "kwargs": {"width": 2}, "train": {"method": "standard",
                                                                                            "epochs": 1}}
                     for n in ("a", "b")],
            "matrix": {"n_samples": 32, "steps": 2}, "recommend": {"k": 2},
-           "training": {"epochs": 2, "lr": 0.1, "milestones": [0.5], "weight_decay": 5e-4},
+           "training": {"epochs": epochs, "lr": 0.1, "milestones": [0.5], "weight_decay": 5e-4},
            "students": {"arch": "resnet18_cifar", "kwargs": {"width": 4}, "seeds": [0, 1, 2, 3], "eval_samples": 32,
                         "runs": [{"method": "pgd-at", "teacher_set": "none"}, {"method": "rslad", "teacher_set": "single"}]},
            "evaluation": {"n_samples": 64, "attacks": ["clean", "pgd20"]}}
-    config = tmp / f"study{jobs}.yaml"
+    config = tmp / f"study{jobs}-{epochs}.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    out = tmp / f"study{jobs}"
+    out = tmp / f"study{jobs}-{epochs}"
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "DARHT_THREADS")}
     base = [sys.executable, "-m", "distill.cli", "pipeline", "--config", str(config), "--out", str(out),
             "--device", "cpu"]
@@ -82,12 +82,19 @@ def _study(tmp: Path, jobs: int) -> float:
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study-only", action="store_true", help="part 2 only (students per hour)")
+    parser.add_argument("--student-epochs", type=int, nargs="+", default=[2], metavar="E",
+                        help="epochs per student of part 2, one measurement each (default 2: start-up dominates)")
+    args = parser.parse_args()
     from transfer_analysis.threads import available_cpus
 
     cpus = available_cpus()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        if args.study_only:
+            _print_study(tmp, cpus, args.student_epochs)
+            return
         idle = _epoch(tmp, "idle", None)
         idle1 = _epoch(tmp, "idle1", 1)
         burner = subprocess.Popen([sys.executable, "-c", BURN])
@@ -99,17 +106,32 @@ def main() -> None:
         finally:
             burner.kill()
             burner.wait()
-        rate1, rate2 = _study(tmp, 1), _study(tmp, 2)
+        figures = _print_study(tmp, cpus, args.student_epochs, quiet=True)
+    rate1, rate2 = figures[0]
     print(f"{cpus} CPUs available; one pgd-at epoch:")
     print(f"  idle, default ({cpus} threads): {idle:.1f} s; idle, 1 thread: {idle1:.1f} s")
     print(f"  beside one CPU-bound process, default: {loaded:.1f} s ({loaded / idle:.2f}x idle)")
     print(f"  same, --threads 1: {loaded1:.1f} s (its idle time: {idle1:.1f} s)")
     print(f"  same, OMP_WAIT_POLICY=PASSIVE: {passive:.1f} s")
-    print(f"study throughput: --jobs 1 {rate1:.0f} students/h, --jobs 2 {rate2:.0f} students/h")
+    for epochs, (r1, r2) in zip(args.student_epochs, figures):
+        print(f"study throughput, {epochs}-epoch students: --jobs 1 {r1:.0f} students/h, --jobs 2 {r2:.0f} "
+              f"students/h ({r2 / r1:.2f}x)")
     print("figures: " + json.dumps({"cpus": cpus, "idle_s": round(idle, 2), "loaded_ratio": round(loaded / idle, 2),
                                     "loaded_1thread_ratio": round(loaded1 / idle, 2),
                                     "passive_ratio": round(passive / idle, 2), "jobs1_per_h": round(rate1),
                                     "jobs2_per_h": round(rate2), "jobs_ratio": round(rate2 / rate1, 2)}))
+
+
+def _print_study(tmp: Path, cpus: int, epochs_list: list[int], quiet: bool = False) -> list[tuple[float, float]]:
+    """Students per hour with --jobs 1 and --jobs 2 for each student length; printed unless ``quiet``."""
+    figures = [(_study(tmp, 1, e), _study(tmp, 2, e)) for e in epochs_list]
+    if not quiet:
+        for epochs, (r1, r2) in zip(epochs_list, figures):
+            print(f"{cpus} CPUs; study throughput, {epochs}-epoch students: --jobs 1 {r1:.0f} students/h, --jobs 2 "
+                  f"{r2:.0f} students/h ({r2 / r1:.2f}x)")
+        print("figures: " + json.dumps({"cpus": cpus, **{f"jobs_ratio_{e}ep": round(r2 / r1, 2)
+                                                         for e, (r1, r2) in zip(epochs_list, figures)}}))
+    return figures
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch  # noqa: F401 - for the example
 from .dataset import Augment, ImageDataset, augment_batch, channel_stats, check_dataset, default_augment
 from .files import DEBIAN_FASHION_MNIST, FASHION_MNIST_CLASSES
 from .folders import FolderDataset, FolderOptions, decode_image, is_folder_spec, open_image_folder
-from .sampling import balanced_subset, load_indices, save_indices
+from .sampling import balanced_subset, holdout_indices, load_indices, save_indices
 from .specs import DATASET_NAMES, dataset_shape, default_data_root, load_dataset
 from .synthetic import SYNTHETIC_OPTIONS, make_synthetic
 
@@ -32,6 +32,6 @@ __all__ = [
     "DATASET_NAMES", "DEBIAN_FASHION_MNIST", "FASHION_MNIST_CLASSES", "SYNTHETIC_OPTIONS",
     "Augment", "ImageDataset", "FolderDataset", "FolderOptions",
     "augment_batch", "balanced_subset", "channel_stats", "check_dataset", "dataset_shape", "decode_image",
-    "default_augment", "default_data_root", "is_folder_spec", "load_dataset", "load_indices", "make_synthetic",
+    "default_augment", "default_data_root", "holdout_indices", "is_folder_spec", "load_dataset", "load_indices", "make_synthetic",
     "open_image_folder", "save_indices",
 ]

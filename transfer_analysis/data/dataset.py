@@ -151,8 +151,22 @@ class ImageDataset:
 
         if n is None or n >= len(self.y_train):
             return self
-        idx = balanced_subset(self.y_train, n, seed)
-        return dataclasses.replace(self, x_train=self.x_train[idx], y_train=self.y_train[idx])
+        return self.select_train(balanced_subset(self.y_train, n, seed))
+
+    def select_train(self, indices: torch.Tensor) -> ImageDataset:
+        """The same dataset with only the training images at ``indices`` (in that order); the test
+        split is kept."""
+        return dataclasses.replace(self, x_train=self.x_train[indices], y_train=self.y_train[indices])
+
+    def holdout(self, n: int, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+        """``(rest, validation)``: the dataset without a seeded class-balanced ``n`` of its training
+        images, and a dataset whose *test* split is those ``n`` (so a run evaluated on "test" is
+        evaluated on the held-out images, never on the real test set)."""
+        from .sampling import holdout_indices
+
+        kept, held = holdout_indices(self.y_train, n, seed)
+        rest = self.select_train(kept)
+        return rest, dataclasses.replace(rest, x_test=self.x_train[held], y_test=self.y_train[held])
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the training images (for a model's normalization)."""

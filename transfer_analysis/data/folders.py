@@ -297,9 +297,22 @@ class FolderDataset:
 
         if n is None or n >= len(self.y_train):
             return self
-        idx = balanced_subset(self.y_train, n, seed)
-        return dataclasses.replace(self, train_files=tuple(self.train_files[int(i)] for i in idx),
-                                   y_train=self.y_train[idx])
+        return self.select_train(balanced_subset(self.y_train, n, seed))
+
+    def select_train(self, indices: torch.Tensor) -> FolderDataset:
+        """The same folder with only the training files at ``indices`` (in that order)."""
+        return dataclasses.replace(self, train_files=tuple(self.train_files[int(i)] for i in indices),
+                                   y_train=self.y_train[indices])
+
+    def holdout(self, n: int, seed: int = 0) -> tuple[FolderDataset, FolderDataset]:
+        """``(rest, validation)`` as :meth:`ImageDataset.holdout`: the validation dataset's test split
+        is the ``n`` held-out training files."""
+        from .sampling import holdout_indices
+
+        kept, held = holdout_indices(self.y_train, n, seed)
+        rest = self.select_train(kept)
+        return rest, dataclasses.replace(rest, test_files=tuple(self.train_files[int(i)] for i in held),
+                                         y_test=self.y_train[held])
 
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the training images in the pixel space, estimated from a

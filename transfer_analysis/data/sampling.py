@@ -19,7 +19,7 @@ import torch
 from ..errors import UserError
 from ..files import atomic_write_json
 
-__all__ = ["balanced_subset", "save_indices", "load_indices"]
+__all__ = ["balanced_subset", "holdout_indices", "save_indices", "load_indices"]
 
 
 def balanced_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
@@ -58,6 +58,24 @@ def balanced_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor
             remaining -= take
     chosen = torch.cat([pools[c][:quota[c]] for c in pools])
     return torch.sort(chosen).values
+
+
+def holdout_indices(labels: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kept, held)``: a seeded class-balanced ``n`` of the indices held out (a validation split)
+    and the rest, both sorted; refused when nothing would be left.
+
+    Example:
+        >>> kept, held = holdout_indices(torch.tensor([0, 0, 1, 1, 0, 1]), 2, seed=0)
+        >>> len(kept), sorted(torch.tensor([0, 0, 1, 1, 0, 1])[held].tolist())
+        (4, [0, 1])
+    """
+    labels = torch.as_tensor(labels)
+    if n >= len(labels):
+        raise UserError(f"holding out {n} of {len(labels)} training images leaves none to train on; hold out fewer")
+    held = balanced_subset(labels, n, seed)
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[held] = False
+    return torch.nonzero(mask).flatten(), held
 
 
 def save_indices(path: str | os.PathLike, indices: torch.Tensor, **meta: Any) -> None:

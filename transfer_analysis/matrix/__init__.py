@@ -33,7 +33,7 @@ Example:
 
 from ..attacks import AttackConfig  # noqa: F401 - the docstring's example and earlier imports
 from . import engine, metrics, result, run  # noqa: F401 - the submodules
-from .engine import _attack_source, _Placement, source_seed, transfer_matrix  # noqa: F401 - private: tests
+from .engine import _attack_source, _Placement, source_seed, transfer_matrix, transfer_rows  # noqa: F401 - private: tests
 from .metrics import DEFAULT_METRICS, METRICS, Z_95, register_metric, wilson_interval
 from .result import TransferResult
 from .run import MATRIX_IDENTITY, run_matrix, save_matrix_outputs
@@ -41,6 +41,7 @@ from .run import MATRIX_IDENTITY, run_matrix, save_matrix_outputs
 __all__ = [
     "TransferResult",
     "transfer_matrix",
+    "transfer_rows",
     "wilson_interval",
     "source_seed",
     "register_metric",

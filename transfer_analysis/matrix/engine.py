@@ -33,7 +33,7 @@ from ..utils import progress
 from .metrics import DEFAULT_METRICS, METRICS
 from .result import TransferResult
 
-__all__ = ["transfer_matrix", "source_seed", "model_info"]
+__all__ = ["transfer_matrix", "transfer_rows", "source_seed", "model_info"]
 
 logger = logging.getLogger("transfer_analysis.matrix")
 
@@ -212,20 +212,12 @@ def transfer_matrix(pool: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
 
     Example: see the module docstring.
     """
-    dev = dist_utils.rank_device(resolve_device(device))
     world, rank = dist_utils.world_size(), dist_utils.rank()
-    cfg = (AttackConfig(attack) if isinstance(attack, str) else attack).resolved()
     names = list(pool)
     x, y = _check_matrix_inputs(names, x, y, batch_size, metrics, shard, cache_dir)
-    fps = [model_info(pool, name).fingerprint for name in names]
-    reserve = 2 * x.numel() * x.element_size()
-    run = _Run(pool=pool, names=names, fps=fps, cfg=cfg, x=x, y=y, x_dev=x.to(dev), y_dev=y.to(dev),
-               batch_size=batch_size, device=dev, seed=seed, dataset=dataset,
-               dkey=data_key(x, y, dataset, indices), akey=cfg.key(), cache=MatrixCache(cache_dir, background=True),
-               placement=_Placement(pool, dev, max_resident_bytes if max_resident_bytes is not None
-                                    else _default_budget(dev, reserve)))
-    logger.info("transfer matrix: %d models, %d images, %s, cache %s", len(names), len(y), cfg.describe(),
-                cache_dir if cache_dir is not None else "in memory")
+    run = _new_run(pool, x, y, attack, batch_size=batch_size, device=device, cache_dir=cache_dir, seed=seed,
+                   dataset=dataset, indices=indices, max_resident_bytes=max_resident_bytes)
+    fps = run.fps
     finished = False
     try:
         mine = [(i, s) for i, s in enumerate(names) if i % world == rank
@@ -247,6 +239,85 @@ def transfer_matrix(pool: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
         run.placement.release()
         run.cache.close(raise_errors=finished)  # on an error, still finish the queued writes
     return run.result(metrics)
+
+
+def _new_run(pool: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor, attack: AttackConfig | str, *,
+             batch_size: int, device: str | torch.device, cache_dir: str | Path | None, seed: int,
+             dataset: str | None, indices: Sequence[int] | torch.Tensor | None,
+             max_resident_bytes: int | None) -> _Run:
+    """The state of one computation over checked inputs: device, attack, fingerprints, cache keys,
+    the cache and the device placement (shared by :func:`transfer_matrix` and :func:`transfer_rows`)."""
+    dev = dist_utils.rank_device(resolve_device(device))
+    cfg = (AttackConfig(attack) if isinstance(attack, str) else attack).resolved()
+    names = list(pool)
+    reserve = 2 * x.numel() * x.element_size()
+    logger.info("transfer matrix: %d models, %d images, %s, cache %s", len(names), len(y), cfg.describe(),
+                cache_dir if cache_dir is not None else "in memory")
+    return _Run(pool=pool, names=names, fps=[model_info(pool, name).fingerprint for name in names], cfg=cfg, x=x,
+                y=y, x_dev=x.to(dev), y_dev=y.to(dev), batch_size=batch_size, device=dev, seed=seed, dataset=dataset,
+                dkey=data_key(x, y, dataset, indices), akey=cfg.key(), cache=MatrixCache(cache_dir, background=True),
+                placement=_Placement(pool, dev, max_resident_bytes if max_resident_bytes is not None
+                                     else _default_budget(dev, reserve)))
+
+
+def transfer_rows(pool: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor, sources: Sequence[str],
+                  attack: AttackConfig | str = "pgd", *, metric: str = "transfer_rate", batch_size: int = 256,
+                  device: str | torch.device = "cpu", cache_dir: str | Path | None = None, seed: int = 0,
+                  dataset: str | None = None, indices: Sequence[int] | torch.Tensor | None = None,
+                  max_resident_bytes: int | None = None) -> list[dict[str, object]]:
+    """Rows of the matrix for some sources only: each of ``sources`` is attacked (exactly as
+    :func:`transfer_matrix` attacks it, same seed, same cache) and every other pool model evaluated
+    on its examples; the other models are never attacked.
+
+    This is how a trained student is measured as a source against its teachers: one attack, ``k``
+    target evaluations, the metric's one definition.
+
+    Returns:
+        One dict per (source, target) pair with ``source``, ``target``, ``metric``, ``value`` (NaN
+        when the denominator is empty), ``k`` and ``n`` (successes and denominator).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> pool = {n: nn.Sequential(nn.Flatten(), nn.Linear(12, 3)) for n in ("student", "t1", "t2")}
+        >>> rows = transfer_rows(pool, torch.rand(20, 3, 2, 2), torch.randint(0, 3, (20,)), ["student"],
+        ...                      AttackConfig("fgsm", eps=0.5))
+        >>> [(r["source"], r["target"]) for r in rows]
+        [('student', 't1'), ('student', 't2')]
+    """
+    names = list(pool)
+    unknown = [s for s in sources if s not in pool]
+    if unknown or not sources:
+        raise UserError(f"`sources` must name models of the pool ({', '.join(names)}), got {list(sources)}")
+    if metric not in METRICS:
+        raise UserError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    x, y = _check_matrix_inputs(names, x, y, batch_size, (metric,), None, cache_dir)
+    run = _new_run(pool, x, y, attack, batch_size=batch_size, device=device, cache_dir=cache_dir, seed=seed,
+                   dataset=dataset, indices=indices, max_resident_bytes=max_resident_bytes)
+    finished = False
+    try:
+        for s in sources:
+            run.source_row(names.index(s), s)
+        for name, fp in zip(names, run.fps):  # a row read from the cache leaves the targets' clean ones to do
+            run.ensure_clean(name, fp)
+        finished = True
+    finally:
+        run.placement.release()
+        run.cache.close(raise_errors=finished)
+    out: list[dict[str, object]] = []
+    for s in sources:
+        fp_s = run.fps[names.index(s)]
+        cs, fs = run.clean[fp_s] == y, run.rows[fp_s][fp_s] != y
+        for t, fp_t in zip(names, run.fps):
+            if t == s:
+                continue
+            num, den = METRICS[metric](cs, run.clean[fp_t] == y, fs, run.rows[fp_s][fp_t] != y)
+            k, n = int(num.sum()), int(den.sum())
+            out.append({"source": s, "target": t, "metric": metric, "value": k / n if n else float("nan"),
+                        "k": k, "n": n})
+    return out
 
 
 def _check_matrix_inputs(names: Sequence[str], x: torch.Tensor, y: torch.Tensor, batch_size: int,
