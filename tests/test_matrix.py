@@ -205,7 +205,9 @@ def test_reruns_are_identical_and_cached(pool, data, tmp_path):
     assert all(len(p.stem) == 64 and int(p.stem, 16) >= 0 for p in files)
 
 
-def test_adding_a_model_reuses_the_cache(pool, data, tmp_path, monkeypatch):
+@pytest.fixture
+def attacked(monkeypatch) -> list[str]:
+    """The fingerprints of the models the engine builds an attack for, in order."""
     calls: list[str] = []
     real = matrix_mod.build_attack
 
@@ -214,6 +216,11 @@ def test_adding_a_model_reuses_the_cache(pool, data, tmp_path, monkeypatch):
         return real(cfg, model, **kw)
 
     monkeypatch.setattr(matrix_mod, "build_attack", counting)
+    return calls
+
+
+def test_adding_a_model_reuses_the_cache(pool, data, tmp_path, attacked):
+    calls = attacked
     small = {k: pool[k] for k in ("lin0", "lin1", "lin2")}
     run(small, data, cache_dir=tmp_path / "cache")
     assert len(calls) == 3
@@ -229,18 +236,11 @@ def test_adding_a_model_reuses_the_cache(pool, data, tmp_path, monkeypatch):
     assert_same_result(res, fresh)
 
 
-def test_rows_of_some_sources_attack_only_them_and_equal_the_matrix(pool, data, tmp_path, monkeypatch):
+def test_rows_of_some_sources_attack_only_them_and_equal_the_matrix(pool, data, tmp_path, attacked):
     """transfer_rows: the same attack, seed and cache key as the matrix; the other models are targets only."""
     from transfer_analysis.matrix import transfer_rows
 
-    calls: list[str] = []
-    real = matrix_mod.build_attack
-
-    def counting(cfg, model, **kw):
-        calls.append(model_fingerprint(model))
-        return real(cfg, model, **kw)
-
-    monkeypatch.setattr(matrix_mod, "build_attack", counting)
+    calls = attacked
     x, y = data
     rows = transfer_rows(pool, x, y, ["lin1"], ATTACK, batch_size=BATCH, cache_dir=tmp_path / "cache")
     assert calls == [model_fingerprint(pool["lin1"])]

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 
-__all__ = ["Augment", "ImageDataset", "augment_batch", "check_dataset", "default_augment", "shuffled_order"]
+__all__ = ["Augment", "ImageDataset", "SplitAccess", "augment_batch", "channel_stats", "check_dataset", "default_augment",
+           "float_batch", "shuffled_order"]
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,42 @@ def shuffled_order(n: int, indices: torch.Tensor | None, shuffle: bool,
     return order
 
 
+class SplitAccess:
+    """What every dataset serves the same way from its ``_split(split) -> (images or files, labels)``
+    and its ``images``: labels, the per-split shorthands, and the float batch a training step gets."""
+
+    def _split(self, split: str) -> tuple[Any, torch.Tensor]:
+        raise NotImplementedError
+
+    def images(self, split: str = "test", indices: torch.Tensor | None = None,
+               device: torch.device | str | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def labels(self, split: str = "test", indices: torch.Tensor | None = None,
+               device: torch.device | str | None = None) -> torch.Tensor:
+        """Int64 labels of a split (optionally a subset), on ``device``."""
+        _, y = self._split(split)
+        return (y if indices is None else y[indices]).to(device=device)
+
+    def train_images(self, indices: torch.Tensor | None = None) -> torch.Tensor:
+        return self.images("train", indices)
+
+    def test_images(self, indices: torch.Tensor | None = None) -> torch.Tensor:
+        return self.images("test", indices)
+
+
+def float_batch(xb: torch.Tensor, yb: torch.Tensor, augment: Augment | None, generator: torch.Generator | None,
+                device: torch.device | str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uint8 batch as float in [0, 1] on ``device``, augmented there when asked (the one rule for
+    every dataset's ``batches``)."""
+    xb = xb.to(device=device, non_blocking=True).float().div_(255)
+    if augment is not None and augment.enabled:
+        xb = augment_batch(xb, augment, generator=generator)
+    return xb, yb.to(device=device, non_blocking=True)
+
+
 @dataclass
-class ImageDataset:
+class ImageDataset(SplitAccess):
     """A dataset held in memory: uint8 images (N, C, H, W) and int64 labels for both splits."""
 
     name: str
@@ -104,19 +139,6 @@ class ImageDataset:
             x = x[indices]
         return x.to(device=device).float().div_(255)
 
-    def labels(self, split: str = "test", indices: torch.Tensor | None = None,
-               device: torch.device | str | None = None) -> torch.Tensor:
-        _, y = self._split(split)
-        if indices is not None:
-            y = y[indices]
-        return y.to(device=device)
-
-    def train_images(self, indices: torch.Tensor | None = None) -> torch.Tensor:
-        return self.images("train", indices)
-
-    def test_images(self, indices: torch.Tensor | None = None) -> torch.Tensor:
-        return self.images("test", indices)
-
     def batches(self, split: str, batch_size: int, indices: torch.Tensor | None = None, shuffle: bool = False,
                 generator: torch.Generator | None = None, augment: Augment | None = None,
                 device: torch.device | str | None = None, drop_last: bool = False,
@@ -130,11 +152,7 @@ class ImageDataset:
         stop = len(order) - (len(order) % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
             idx = order[start:start + batch_size]
-            xb = x_all[idx].to(device=device, non_blocking=True).float().div_(255)
-            yb = y_all[idx].to(device=device, non_blocking=True)
-            if augment is not None and augment.enabled:
-                xb = augment_batch(xb, augment, generator=generator)
-            yield xb, yb
+            yield float_batch(x_all[idx], y_all[idx], augment, generator, device)
 
     def with_train_subset(self, n: int | None, seed: int = 0) -> ImageDataset:
         """The same dataset with a seeded class-balanced subset of ``n`` training images.

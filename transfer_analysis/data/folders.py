@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .dataset import Augment, augment_batch, channel_stats, shuffled_order
+from .dataset import Augment, SplitAccess, channel_stats, float_batch, shuffled_order
 
 __all__ = ["FOLDER_PREFIXES", "IMAGE_EXTENSIONS", "FolderOptions", "FolderDataset", "decode_image",
            "is_folder_spec", "open_image_folder", "parse_folder_spec"]
@@ -200,7 +200,7 @@ def _checked_batches(files: Sequence[Path], batch_size: int, options: FolderOpti
 # the dataset
 # --------------------------------------------------------------------------------------------
 @dataclass
-class FolderDataset:
+class FolderDataset(SplitAccess):
     """An image folder: file lists and labels in memory, images decoded when used.
 
     The interface is :class:`~transfer_analysis.data.ImageDataset`'s (``images``, ``labels``,
@@ -261,17 +261,6 @@ class FolderDataset:
         chosen = files if indices is None else [files[int(i)] for i in indices]
         return self._decode(chosen, f"decoding {split}").to(device=device).float().div_(255)
 
-    def labels(self, split: str = "test", indices: torch.Tensor | None = None,
-               device: torch.device | str | None = None) -> torch.Tensor:
-        _, y = self._split(split)
-        return (y if indices is None else y[indices]).to(device=device)
-
-    def train_images(self, indices: torch.Tensor | None = None) -> torch.Tensor:
-        return self.images("train", indices)
-
-    def test_images(self, indices: torch.Tensor | None = None) -> torch.Tensor:
-        return self.images("test", indices)
-
     def batches(self, split: str, batch_size: int, indices: torch.Tensor | None = None, shuffle: bool = False,
                 generator: torch.Generator | None = None, augment: Augment | None = None,
                 device: torch.device | str | None = None, drop_last: bool = False,
@@ -284,11 +273,7 @@ class FolderDataset:
         order = order[:stop]
         ordered = [files[int(i)] for i in order]
         for b, xb in enumerate(_checked_batches(ordered, batch_size, self.options)):
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            xb = xb.to(device=device, non_blocking=True).float().div_(255)
-            if augment is not None and augment.enabled:
-                xb = augment_batch(xb, augment, generator=generator)
-            yield xb, y_all[idx].to(device=device, non_blocking=True)
+            yield float_batch(xb, y_all[order[b * batch_size:(b + 1) * batch_size]], augment, generator, device)
 
     def with_train_subset(self, n: int | None, seed: int = 0) -> FolderDataset:
         """The same folder with a seeded class-balanced subset of ``n`` training files (``None``, or
