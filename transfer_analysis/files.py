@@ -198,7 +198,6 @@ def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
         >>> read_yaml(p)
         {'k': [1, 2]}
     """
-    import yaml
 
     path = Path(path)
     if not path.is_file():

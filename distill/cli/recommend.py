@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
-import re
 from pathlib import Path
 
 from distill.cli import common
