@@ -357,12 +357,12 @@ def preconditions(students: pd.DataFrame, sets: pd.DataFrame, teacher_acc: Mappi
                     else math.nan, "per_set_noise": noise}
     gap = out["teacher_gap"]["best"]
     if math.isnan(gap) or gap < MIN_TEACHER_GAP:
-        out["failed"].append(f"teacher gap: the best teacher is {_pts(gap)} points above the student's own PGD-AT "
+        out["failed"].append(f"teacher gap: the best teacher is {points(gap)} points above the student's own PGD-AT "
                              f"(needs {MIN_TEACHER_GAP * 100:.0f})")
     g = out["distillation_gain"]
     if math.isnan(g.get("ci_low", math.nan)) or g["ci_low"] <= 0:
         out["failed"].append(f"distillation gain: {g['label'] or 'no single-teacher distillation'} over PGD-AT is "
-                             f"{_pts(g['mean'])} points (95% CI {_pts(g['ci_low'])} to {_pts(g['ci_high'])}), not "
+                             f"{points(g['mean'])} points (95% CI {points(g['ci_low'])} to {points(g['ci_high'])}), not "
                              "above zero")
     mde = out["power"]["mde_rho"]
     if math.isnan(mde) or mde > MAX_MDE_RHO:
@@ -371,8 +371,14 @@ def preconditions(students: pd.DataFrame, sets: pd.DataFrame, teacher_acc: Mappi
     return out
 
 
-def _pts(v: float) -> str:
-    return "unknown" if v is None or math.isnan(v) else f"{v * 100:+.1f}"
+def points(v: float | None, unknown: str = "unknown") -> str:
+    """An accuracy difference as signed percentage points, one decimal (``unknown`` when missing).
+
+    Example:
+        >>> points(0.0975), points(float("nan"), "-")
+        ('+9.8', '-')
+    """
+    return unknown if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * 100:+.1f}"
 
 
 def claim_verdict(stats: Mapping[str, Any], pre: Mapping[str, Any] | None = None) -> tuple[str, str]:

@@ -238,8 +238,10 @@ def precondition_sentence(pre: Mapping[str, Any]) -> str:
         ...     "set_score_span": 0.3, "power": {"n_sets": 40, "mde_rho": 0.43, "mde_points_across_span": 0.02}})[:72]
         'Teacher gap over the student alone (PGD-AT): best +10.0, mean +5.0 point'
     """
+    from distill.pipeline.claim import points
+
     def pts(v: Any) -> str:
-        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * 100:+.1f}"
+        return points(v, "-")
 
     gap, gain, power = pre["teacher_gap"], pre["distillation_gain"], pre["power"]
     return (f"Teacher gap over the student alone (PGD-AT): best {pts(gap['best'])}, mean {pts(gap['mean'])} points "
@@ -469,7 +471,7 @@ def comparison_sentences(summary: pd.DataFrame, robust_col: str, unconverged: se
     Example:
         >>> one = pd.DataFrame({"label": ["darht-low-transfer"], "teacher_set": ["low-transfer"],
         ...                     "pgd20_acc_mean": [0.5], "pgd20_acc_std": [0.01]})
-        >>> comparison_sentences(one, "pgd20_acc", set())
+        >>> comparison_sentences(one, "pgd20_acc", set())  # doctest: +NORMALIZE_WHITESPACE
         ['- darht-low-transfer is the only student here: there is nothing to compare it with (the study
         configs add the high-transfer, homogeneous and single-teacher students and the baselines).']
     """
