@@ -292,6 +292,38 @@ def test_a_test_only_folder_cannot_train(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_training_streams_a_split_folder_and_workers_change_nothing(tmp_path):
+    """A train/ + val/ folder trains through the streamed batches; decoding in worker processes gives
+    the very same student as decoding in this one, and as the same images held in memory (same order,
+    same pixels, and the decoding leaves the global RNG of the attacks' random starts alone)."""
+    from safetensors.torch import load_file
+
+    from distill.trainer import TrainConfig, train
+
+    root = tmp_path / "ds"
+    _write_folder(root / "train", per_class=6)
+    _write_folder(root / "val", per_class=2, seed=1)
+    weights = []
+    for workers in (0, 2):
+        cfg = TrainConfig(method="pgd-at", student="resnet18_cifar", dataset=f"imagefolder:{root}?size=16&workers={workers}",
+                          student_kwargs={"width": 2}, epochs=2, batch_size=6, eps=8 / 255, device="cpu",
+                          method_kwargs={"steps": 1}, eval_samples=6, final_attacks=["clean"], seed=0)
+        res = train(cfg, tmp_path / f"run{workers}")
+        assert json.loads((tmp_path / f"run{workers}" / "metrics.json").read_text())["n_per_attack"]["clean"] == 6
+        weights.append(load_file(str(res.run_dir / "student.safetensors")))
+    # the same images held in memory train the same student: one batching rule for both kinds
+    from transfer_analysis.data import ImageDataset
+
+    folder = load_dataset(f"imagefolder:{root}?size=16&workers=0")
+    as_uint8 = {s: (folder.images(s) * 255).round().to(torch.uint8) for s in ("train", "test")}
+    memory = ImageDataset(folder.name, as_uint8["train"], folder.y_train, as_uint8["test"], folder.y_test,
+                          folder.num_classes)
+    res = train(cfg, tmp_path / "memory", dataset=memory)
+    weights.append(load_file(str(res.run_dir / "student.safetensors")))
+    assert weights[0].keys() == weights[1].keys() == weights[2].keys()
+    assert all(torch.equal(weights[0][k], w[k]) for w in weights[1:] for k in weights[0])
+
+
 def test_train_teacher_fine_tunes_a_pretrained_model_at_its_own_size(world, tmp_path):
     """train-teacher --pretrained: pretrained weights, a new head, the pretrained mean/std and input size."""
     run = _darht(["train-teacher", "--arch", f"local-dir:{world['root'] / 'res'}", "--pretrained", "--dataset",

@@ -180,9 +180,11 @@ def _decoded_batches(files: Sequence[Path], batch_size: int, options: FolderOpti
         return
     n_batches = -(-len(files) // batch_size)
     workers = min(options.num_workers(), n_batches)
+    # its own generator: a DataLoader draws its workers' base seed from the generator it is given, else
+    # from the global RNG, which would move every later random start of an attack (decoding is not random)
     loader = torch.utils.data.DataLoader(_Decoder(files, options.size, options.crop_pct), batch_size=batch_size,
                                          shuffle=False, num_workers=workers, collate_fn=_collate,
-                                         prefetch_factor=2 if workers else None)
+                                         prefetch_factor=2 if workers else None, generator=torch.Generator())
     yield from loader
 
 
