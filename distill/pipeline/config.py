@@ -554,6 +554,8 @@ def describe_plan(cfg: Mapping[str, Any]) -> list[str]:
     s = cfg["students"]
     runs = student_runs(cfg)
     subset = f" on {s['train_subset']} training images" if s["train_subset"] else ""
+    if s["validation"]:
+        subset += f" ({s['validation']} of them held out for validation)"
     lines.append(f"4. students: {len(runs)} runs of {' and '.join(s['archs'])} x {s['epochs']} epochs{subset} ("
                  + ", ".join(r_["label"] for r_ in s["runs"]) + f"; seeds {s['seeds']})")
     if s["tune"]:
