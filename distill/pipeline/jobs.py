@@ -108,11 +108,12 @@ def run_item(config_path: str | Path, out: str | Path, item: str, device: str = 
     if not rec_path.is_file():
         raise UserError(f"{rec_path} is missing; run the recommend item first (`only` recommend)")
     rec = json.loads(rec_path.read_text())
-    from distill.pipeline.runner import CLAIMS_DIR, _stage_tuning, student_data
+    from distill.pipeline.runner import CLAIMS_DIR
+    from distill.pipeline.tuning import stage_tuning, student_data
 
     student_ds, val_ds = student_data(cfg, ds, train_ds)
     if kind == "tune":
-        _stage_tuning(cfg, out, pool_path, rec, val_ds, dev, tracking=tracking)
+        stage_tuning(cfg, out, pool_path, rec, val_ds, dev, tracking=tracking)
         return
 
     _stage_students(cfg, out, pool_path, rec, student_ds, dev, only=value, tracking=tracking,
