@@ -244,3 +244,99 @@ def test_parallel_students_equal_one_at_a_time(tmp_path):
         assert sum(f"{i} (" in log for log in logs) == 1, (i, logs)
     assert all(any(f"{i} (" in log for i in ids) for log in logs)  # both took work
     assert not (two / "students" / ".claims").exists()
+
+
+def _own_models_study(root: Path) -> Path:
+    """A study folder: its config names a ``local-dir:`` timm model and a teacher checkpoint relative to itself."""
+    import timm
+    from safetensors.torch import save_file
+
+    import torch
+    import torch.nn.functional as F
+
+    from transfer_analysis.data import load_dataset
+
+    ds = load_dataset(TINY["dataset"])
+    x, y = ds.images("train"), ds.labels("train")
+    torch.manual_seed(0)
+    own = timm.create_model("test_resnet", num_classes=4, in_chans=1)
+    own.pretrained_cfg = {**own.pretrained_cfg, "mean": (0.0,), "std": (1.0,), "input_size": (1, 8, 8), "num_classes": 4}
+    ckpt = timm.create_model("resnet18_cifar", num_classes=4, in_chans=1, width=4)
+    for model in (own, ckpt):  # a few steps, so that both classify some images (a matrix needs them)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(20):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        model.eval()
+    timm.models.save_for_hf(own, str(root / "models" / "own"), safe_serialization=True)
+    (root / "teachers").mkdir()
+    save_file(ckpt.state_dict(), str(root / "teachers" / "ckpt.safetensors"))
+    cfg = _with(pool=[{"name": "own", "arch": "local-dir:models/own", "pretrained": True, "family": "cnn",
+                       "input_size": 8},
+                      {"name": "ckpt", "arch": "resnet18_cifar", "kwargs": {"width": 4}, "family": "cnn",
+                       "checkpoint": "teachers/ckpt.safetensors"}],
+                students__runs=[{"method": "darht", "teacher_set": "low-transfer"}],
+                evaluation={"n_samples": 8, "attacks": ["clean"], "batch_size": 8})
+    cfg["matrix"]["steps"] = 1
+    (root / "study.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return root / "study.yaml"
+
+
+@pytest.mark.slow
+def test_a_study_over_own_models_moves_with_its_files_and_resumes(tmp_path, capsys):
+    """Paths in a study config are relative to the config (local-dir: folders too, not to the run
+    directory); the run directory names them relative to itself, so the whole folder can move (another
+    checkout, another machine) and the run resumes there without retraining."""
+    import shutil
+
+    config = _own_models_study(tmp_path / "project")
+    out = tmp_path / "project" / "run"
+    assert main(["pipeline", "--config", str(config), "--out", str(out), "--device", "cpu"]) == 0
+    for name in ("pool.yaml", "config.yaml"):
+        models = yaml.safe_load((out / name).read_text())["models" if name == "pool.yaml" else "pool"]
+        assert [m["arch"] for m in models] == ["local-dir:../models/own", "resnet18_cifar"], name
+        assert models[1]["checkpoint"] == "../teachers/ckpt.safetensors", name
+    assert pd.read_csv(out / "matrix" / "models.csv")["weights"].tolist() == ["pretrained", "checkpoint"]
+
+    moved = tmp_path / "elsewhere" / "project"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "project", moved)
+    before = {p.name: p.stat().st_mtime_ns for p in (moved / "run").glob("students/*/student.safetensors")}
+    assert before
+    capsys.readouterr()
+    assert main(["pipeline", "--config", str(moved / "study.yaml"), "--out", str(moved / "run"), "--resume",
+                 "--device", "cpu"]) == 0
+    assert "[matrix] done (attacks run: 0, from cache: 2)" in capsys.readouterr().err  # its cache moved too
+    after = {p.name: p.stat().st_mtime_ns for p in (moved / "run").glob("students/*/student.safetensors")}
+    assert after == before
+
+    # another teacher file is another study: refused, not silently mixed
+    capsys.readouterr()
+    cfg = yaml.safe_load((moved / "study.yaml").read_text())
+    shutil.copy(moved / "teachers" / "ckpt.safetensors", moved / "teachers" / "other.safetensors")
+    cfg["pool"][1]["checkpoint"] = "teachers/other.safetensors"
+    (moved / "other.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert main(["pipeline", "--config", str(moved / "other.yaml"), "--out", str(moved / "run"), "--resume"]) == 2
+    assert "changed: pool" in capsys.readouterr().err
+
+
+def test_a_run_started_with_absolute_pool_paths_still_resumes(tmp_path):
+    """Runs written before pool paths were run-relative stored them absolute; at the same place they
+    are the same paths."""
+    from distill.pipeline.runner import _check_resume, _comparable
+
+    (tmp_path / "teachers").mkdir()
+    cfg = validate_study_config(_with(pool=[
+        {"name": n, "arch": "resnet18_cifar", "family": "cnn",
+         "checkpoint": str(tmp_path / "teachers" / f"{n}.safetensors")} for n in ("a", "b")]))
+    out = tmp_path / "run"
+    out.mkdir()
+    old = {**_comparable(cfg, out), "pool": cfg["pool"]}  # absolute, as such runs wrote them
+    assert Path(old["pool"][0]["checkpoint"]).is_absolute()
+    (out / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    _check_resume(out, cfg)
+    assert _comparable(cfg, out)["pool"][0]["checkpoint"] == "../teachers/a.safetensors"
+    cfg["pool"][0]["checkpoint"] = str(tmp_path / "a.safetensors")
+    with pytest.raises(UserError, match="changed: pool"):
+        _check_resume(out, cfg)

@@ -60,6 +60,7 @@ from typing import Any
 from transfer_analysis.checks import as_int, as_number, ema_decay
 from transfer_analysis.errors import UserError
 from transfer_analysis.models import parse_pool_entries
+from transfer_analysis.models.entry import check_robustbench_spec, map_entry_paths
 from transfer_analysis.utils import parse_eps, read_yaml
 
 __all__ = ["TEACHER_SETS", "NAMED_SETS", "DEFAULTS", "TRAINING_DEFAULTS", "PROTOCOL_KEYS", "MAX_TUNE_SETTINGS",
@@ -496,12 +497,12 @@ def load_study_config(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     raw = read_yaml(path, "config")
     cfg = validate_study_config(raw, str(path))
-    for entry in cfg["pool"]:
-        for key in ("checkpoint", "pretrained_file"):
-            if entry.get(key):
-                # absolute: pool.yaml in the run directory reads its paths relative to itself, so a path
-                # relative to the config file must not be rebased a second time
-                entry[key] = str((path.parent / os.path.expanduser(entry[key])).resolve())
+    for i, entry in enumerate(cfg["pool"]):
+        if entry.get("source") == "robustbench":  # its default model_dir is relative to this file too
+            entry["robustbench"] = check_robustbench_spec(entry.get("robustbench"), f"{path}: pool")
+        # absolute: the run directory's pool.yaml names them relative to itself (see the runner), so a
+        # path relative to the config file must not be read relative to the run directory
+        cfg["pool"][i] = map_entry_paths(entry, lambda p: str((path.parent / os.path.expanduser(p)).resolve()))
     if cfg["study"] is None:
         cfg["study"] = path.stem
     return cfg

@@ -22,7 +22,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from distill.pipeline.transfer import STUDENT_TRANSFER_FILE, student_transfer
 from distill.pipeline.tuning import chosen_settings, stage_tuning, student_data
 from distill.tracking import check_tracking
 from transfer_analysis.errors import UserError
+from transfer_analysis.models.entry import map_entry_paths
 from transfer_analysis.rundir import update_env_json
 from transfer_analysis.utils import (
     atomic_write_json,
@@ -73,9 +74,22 @@ def _status(stage: str, message: str) -> None:
     logger.info("[%s] %s", stage, message)
 
 
-def _comparable(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The parts of a resolved config that define results (not where or how fast they run)."""
-    return {k: v for k, v in cfg.items() if k not in ("device", "data_root")}
+def _run_relative(out: Path) -> Callable[[str], str]:
+    """How the run directory's own files (``config.yaml``, ``pool.yaml``) name a path: relative to the
+    run directory, absolute paths too, so a run directory moved together with the files it names (a
+    checkout at another path, another machine) still resumes and still finds its teachers."""
+    base = out.resolve()
+    return lambda p: os.path.relpath(base / os.path.expanduser(p), base)
+
+
+def _comparable(cfg: Mapping[str, Any], out: Path) -> dict[str, Any]:
+    """The parts of a resolved config that define results (not where or how fast they run), with the
+    pool's paths as the run directory names them (an older run's absolute paths included)."""
+    comparable = {k: v for k, v in cfg.items() if k not in ("device", "data_root")}
+    if isinstance(comparable.get("pool"), list):
+        comparable["pool"] = [map_entry_paths(e, _run_relative(out)) if isinstance(e, Mapping) else e
+                              for e in comparable["pool"]]
+    return comparable
 
 
 def _with_new_defaults(old: Any, new: Any) -> Any:
@@ -95,8 +109,8 @@ def _check_resume(out: Path, cfg: Mapping[str, Any]) -> None:
     if not stored.is_file():
         return
     old = yaml.safe_load(stored.read_text()) or {}
-    new = yaml.safe_load(yaml.safe_dump(_comparable(cfg), sort_keys=False))
-    old = _with_new_defaults(_comparable(old), new)
+    new = yaml.safe_load(yaml.safe_dump(_comparable(cfg, out), sort_keys=False))
+    old = _with_new_defaults(_comparable(old, out), new)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed:
         raise UserError(f"{out} was started with a different config (changed: {', '.join(changed)}); "
@@ -149,12 +163,12 @@ def _stage_pool(cfg: Mapping[str, Any], out: Path, train_ds: Any, device: str, *
             trained = yaml.safe_load(written.read_text())
             trained = trained["models"][0] if isinstance(trained, Mapping) and "models" in trained else trained
             entry.update({k: trained[k] for k in ("checkpoint", "mean", "std", "input_size") if trained.get(k)})
-            # W.yaml's checkpoint is relative to W.yaml; pool.yaml's are relative to the run directory,
-            # so the run directory can be moved as a whole
-            entry["checkpoint"] = os.path.relpath(written.parent / entry["checkpoint"], out)
+            # W.yaml's checkpoint is relative to W.yaml; pool.yaml's are relative to the run directory
+            entry["checkpoint"] = str(written.parent / entry["checkpoint"])
             entry["training"] = f"{train['method']} x{train['epochs']} (eps {train['eps_value']:g})"
             for key in ("pretrained", "pretrained_file", "num_classes"):  # the checkpoint holds every weight
                 entry.pop(key, None)
+        entry = map_entry_paths(entry, _run_relative(out))  # the run directory moves as a whole
         PoolEntry(**entry)  # same schema as any pool file
         entries.append(entry)
     if only is not None:
@@ -463,7 +477,7 @@ def start_run(cfg: Mapping[str, Any], out: Path, *, resume: bool, force: bool, d
     if resume:
         _check_resume(out, cfg)
     prepare_out_dir(out, resume=resume, force=force)
-    write_run_config(out, _comparable(cfg))
+    write_run_config(out, _comparable(cfg, out))
     write_env_json(out, dev)
     argv = list(command) if command is not None else ["darht", *sys.argv[1:]]
     atomic_write_text(out / "command.txt", shlex.join(argv) + "\n")

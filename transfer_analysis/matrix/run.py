@@ -76,6 +76,17 @@ def _check_matrix_out_dir(out: Path) -> None:
 MATRIX_IDENTITY = ("models", "dataset", "indices_sha256", "seed", "attack")
 
 
+def _identity(config: Mapping[str, Any], key: str) -> Any:
+    """``config[key]`` as the matrix's identity sees it: a ``local-dir:`` model by its folder's name,
+    not its path (its weights are in the fingerprint), so a run directory moved with its models is
+    the same matrix."""
+    value = config.get(key)
+    if key != "models" or not isinstance(value, list):
+        return value
+    return [{**m, "arch": "local-dir:" + Path(m["arch"][len("local-dir:"):]).name}
+            if isinstance(m, Mapping) and str(m.get("arch", "")).startswith("local-dir:") else m for m in value]
+
+
 def _check_same_matrix(out: Path, config: Mapping[str, Any], force: bool) -> None:
     """Refuse to replace the tables of another matrix (other models, data, seed or attack) in ``out``
     unless ``force``; re-running the same matrix into its directory is free (the cache)."""
@@ -89,7 +100,7 @@ def _check_same_matrix(out: Path, config: Mapping[str, Any], force: bool) -> Non
     except yaml.YAMLError:
         old = {}
     new = yaml.safe_load(yaml.safe_dump(dict(config), sort_keys=False))
-    changed = [k for k in MATRIX_IDENTITY if old.get(k) != new.get(k)]
+    changed = [k for k in MATRIX_IDENTITY if _identity(old, k) != _identity(new, k)]
     if changed:
         raise UserError(f"{out} holds another matrix (different {', '.join(changed)}); choose another `out`, or "
                         "pass `force` to replace its tables")

@@ -38,7 +38,7 @@ import difflib
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from ..errors import UserError
 from ..files import read_yaml
 
 __all__ = ["PoolEntry", "SOURCES", "MAX_INPUT_SIZE", "INTERPOLATIONS", "parse_pool_entries", "read_pool_config",
-           "check_model_name", "check_robustbench_spec", "ROBUSTBENCH_DATASETS", "ROBUSTBENCH_THREAT_MODELS"]
+           "check_model_name", "check_robustbench_spec", "map_entry_paths", "ROBUSTBENCH_DATASETS", "ROBUSTBENCH_THREAT_MODELS"]
 
 _KNOWN_KEYS = {
     "name", "arch", "kwargs", "checkpoint", "checkpoint_key", "pretrained", "pretrained_file", "num_classes",
@@ -252,21 +252,42 @@ def parse_pool_entries(data: Any, source: str = "pool") -> list[PoolEntry]:
     return entries
 
 
+def map_entry_paths(entry: Any, fn: Callable[[str], str]) -> Any:
+    """``entry`` (a :class:`PoolEntry` or a mapping of one) with ``fn`` applied to every file path it
+    names: ``checkpoint``, ``pretrained_file``, the folder of a ``local-dir:`` arch and a RobustBench
+    ``model_dir``. The one list of an entry's paths, for whoever rebases them (a pool file, a study
+    config, a run directory). A mapping comes back as a new dict, an entry as a new entry.
+
+    Example:
+        >>> map_entry_paths({"name": "m", "arch": "local-dir:w/vit", "checkpoint": "c.pt"}, lambda p: "/x/" + p)
+        {'name': 'm', 'arch': 'local-dir:/x/w/vit', 'checkpoint': '/x/c.pt'}
+    """
+    is_map = isinstance(entry, Mapping)
+    get = entry.get if is_map else (lambda key: getattr(entry, key))
+    changes: dict[str, Any] = {}
+    for key in ("checkpoint", "pretrained_file"):
+        if get(key):
+            changes[key] = fn(get(key))
+    arch = get("arch")
+    if isinstance(arch, str) and arch.startswith("local-dir:") and arch[len("local-dir:"):]:
+        changes["arch"] = "local-dir:" + fn(arch[len("local-dir:"):])
+    rb = get("robustbench")
+    if isinstance(rb, Mapping) and rb.get("model_dir"):
+        changes["robustbench"] = {**rb, "model_dir": fn(rb["model_dir"])}
+    if is_map:
+        return {**entry, **changes}
+    from dataclasses import replace
+
+    return replace(entry, **changes)
+
+
 def read_pool_config(path: str | os.PathLike) -> list[PoolEntry]:
     """Read a pool YAML file (safe loader); checkpoint paths and ``local-dir:`` folders become
     relative to the file's folder."""
     path = Path(path)
     data = read_yaml(path, "pool file")
-    entries = parse_pool_entries(data, str(path))
-    for e in entries:
-        for key in ("checkpoint", "pretrained_file"):
-            value = getattr(e, key)
-            if value and not Path(os.path.expanduser(value)).is_absolute():
-                setattr(e, key, str(path.parent / value))
-        if e.arch.startswith("local-dir:"):
-            folder = e.arch[len("local-dir:"):]
-            if folder and not Path(os.path.expanduser(folder)).is_absolute():
-                e.arch = f"local-dir:{path.parent / folder}"
-        if e.robustbench is not None and not Path(os.path.expanduser(e.robustbench["model_dir"])).is_absolute():
-            e.robustbench = {**e.robustbench, "model_dir": str(path.parent / e.robustbench["model_dir"])}
-    return entries
+
+    def rebase(value: str) -> str:
+        return value if Path(os.path.expanduser(value)).is_absolute() else str(path.parent / value)
+
+    return [map_entry_paths(e, rebase) for e in parse_pool_entries(data, str(path))]
