@@ -48,12 +48,26 @@ def test_emitted_stages_run_item_by_item_equal_a_plain_run(tmp_path, capsys):
     student_cmd = shlex.split(stages[3][0])[1:]
     assert main(student_cmd) == 2
     assert "not trained yet" in capsys.readouterr().err
-    for stage in stages:  # what the scheduler would run, stage after stage
-        for command in stage:
+    interim = ["pipeline", "--config", str(config), "--out", str(out), "--device", "cpu", "--only", "report"]
+    for k, stage in enumerate(stages):  # what the scheduler would run, stage after stage
+        for j, command in enumerate(stage):
+            if order[k] == "students" and j == 0:  # an interim report before any student: one line
+                capsys.readouterr()
+                assert main(interim) == 2 and "no student" in capsys.readouterr().err
+            if order[k] == "students" and j == 1:  # one of two students done: an interim report, training nothing
+                assert main(interim) == 0
+                assert list(pd.read_csv(out / "students.csv")["method"]) == ["darht"]
+                report = (out / "report.md").read_text()
+                assert "**Interim report: 1 of 2 students have finished.**" in report
+                assert "`pgd-at-none-s0`" in report and not (out / "students" / "pgd-at-none-s0").exists()
+                claim = yaml.safe_load((out / "claim.json").read_text())
+                assert claim["verdict"] == "interim" and claim["verdict_so_far"] == "not tested"
+                assert claim["interim"] == {"finished": 1, "planned": 2, "missing": ["pgd-at-none-s0"]}
             argv = shlex.split(command)
             assert argv[0] == "darht"
             assert main(argv[1:]) == 0, command
-    assert (out / "report.md").is_file()
+    assert "Interim" not in (out / "report.md").read_text()
+    assert yaml.safe_load((out / "claim.json").read_text())["verdict"] == "not tested"  # one set: too few
     ref = tmp_path / "plain"
     assert main(["pipeline", "--config", str(config), "--out", str(ref), "--device", "cpu"]) == 0
     a, b = pd.read_csv(out / "students.csv"), pd.read_csv(ref / "students.csv")
@@ -61,7 +75,7 @@ def test_emitted_stages_run_item_by_item_equal_a_plain_run(tmp_path, capsys):
     assert (out / "transfer_matrix.csv").read_text() == (ref / "transfer_matrix.csv").read_text()
 
 
-@pytest.mark.parametrize("bad", ["teacher", "matrix:2/2", "matrix:a/b", "students:x", "recommend:x"])
+@pytest.mark.parametrize("bad", ["teacher", "matrix:2/2", "matrix:a/b", "students:x", "recommend:x", "report:x"])
 def test_bad_items_are_refused(bad):
     with pytest.raises(UserError, match="`only` takes"):
         parse_item(bad)

@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     j.add_argument("--shards", type=int, default=4, metavar="N", help="array tasks of the matrix stage (default 4)")
     j.add_argument("--only", default=None, metavar="ITEM",
                    help="run one item of an initialized run: teacher:NAME, matrix:I/N, recommend, tune, student:ID, "
-                        "or students (a worker of --jobs: every unfinished student no other worker claimed)")
+                        "students (a worker of --jobs: every unfinished student no other worker claimed), or "
+                        "report (an interim report over the students finished so far; trains nothing)")
     j.add_argument("--launcher", default=None, choices=["submitit"],
                    help="submit the stages with submitit (pip install -e \".[submitit]\"), each stage an array "
                         "after the previous one, and wait for them")

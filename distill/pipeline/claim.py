@@ -496,8 +496,12 @@ def _set_rows(out: Path, cfg: Mapping[str, Any], students: pd.DataFrame) -> pd.D
 
 
 def write_claim(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], students: pd.DataFrame,
-                n_boot: int = 2000) -> dict[str, Any] | None:
+                n_boot: int = 2000, progress: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """Write ``set_study.csv``, ``claim.json`` and ``claim.png`` for a study's DARHT students.
+
+    ``progress`` (:func:`distill.pipeline.runner.study_progress`) of a study with students still to train makes the verdict
+    ``interim``: the statistics are those of the finished students, the verdict they would give is
+    ``verdict_so_far``, and ``interim`` says how many students stand behind them.
 
     Returns the content of ``claim.json`` (``None`` when the study has no DARHT student).
     """
@@ -527,6 +531,10 @@ def write_claim(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stude
         "preconditions": pre,
         **stats,
     }
+    if progress is not None and progress["missing"]:
+        claim.update(verdict="interim", verdict_so_far=verdict, interim=dict(progress),
+                     statement=f"Interim: {progress['finished']} of {progress['planned']} students have finished; "
+                               f"over them: {verdict}. {sentence}")
     atomic_write_json(out / "claim.json", _json_ready(claim))
     baselines: dict[str, dict[str, float]] = {}
     others = students[students["method"] != "darht"]

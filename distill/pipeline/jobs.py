@@ -10,6 +10,10 @@ system), each a self-contained ``darht pipeline ... --only ITEM`` command:
 5. ``student:ID`` for every student (after 4, else 3): training and its final evaluation;
 6. ``darht pipeline ... --resume`` (after 5): the tables, the claim and the report (all cached).
 
+``report`` writes the tables, the claim and the report over the students finished so far, at any
+time and without training (an interim report: it says how many students stand behind it, and the
+claim's verdict is ``interim`` until every student has finished).
+
 ``emit_commands`` initializes the run directory (its ``config.yaml``, once, so the array tasks never
 race to write it) and writes each stage's commands, one per line, to ``OUT/commands/STAGE.txt``:
 task ``i`` of a Slurm array runs line ``i + 1`` (see the README). Every item checks that the run
@@ -55,10 +59,11 @@ class Stage:
 
 
 def parse_item(text: str) -> tuple[str, Any]:
-    """``teacher:NAME``, ``matrix:I/N``, ``recommend``, ``tune``, ``student:ID`` or ``students`` (a worker of
-    ``darht pipeline --jobs``: every unfinished student no other worker claimed) -> ``(kind, value)``."""
+    """``teacher:NAME``, ``matrix:I/N``, ``recommend``, ``tune``, ``student:ID``, ``students`` (a worker of
+    ``darht pipeline --jobs``: every unfinished student no other worker claimed) or ``report`` (over
+    the finished students) -> ``(kind, value)``."""
     kind, sep, value = str(text).partition(":")
-    if kind in ("recommend", "tune", "students") and not sep:
+    if kind in ("recommend", "tune", "students", "report") and not sep:
         return kind, None
     if kind in ("teacher", "student") and sep and value:
         return kind, value
@@ -66,8 +71,8 @@ def parse_item(text: str) -> tuple[str, Any]:
         i, slash, n = value.partition("/")
         if slash and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n):
             return "matrix", (int(i), int(n))
-    raise UserError(f"`only` takes teacher:NAME, matrix:I/N (0 <= I < N), recommend, tune, student:ID or students, "
-                    f"got {text!r}")
+    raise UserError(f"`only` takes teacher:NAME, matrix:I/N (0 <= I < N), recommend, tune, student:ID, students or "
+                    f"report, got {text!r}")
 
 
 def run_item(config_path: str | Path, out: str | Path, item: str, device: str = "auto", *,
@@ -114,6 +119,15 @@ def run_item(config_path: str | Path, out: str | Path, item: str, device: str = 
     student_ds, val_ds = student_data(cfg, ds, train_ds)
     if kind == "tune":
         stage_tuning(cfg, out, pool_path, rec, val_ds, dev, tracking=tracking)
+        return
+    if kind == "report":
+        from distill.pipeline.runner import study_progress, write_study_outputs
+        from distill.pipeline.tuning import TUNING_FILE
+
+        rows = _stage_students(cfg, out, pool_path, rec, student_ds, dev, train_missing=False)
+        tuning = json.loads((out / TUNING_FILE).read_text()) if (out / TUNING_FILE).is_file() else None
+        argv = shlex.split((out / "command.txt").read_text()) if (out / "command.txt").is_file() else []
+        write_study_outputs(cfg, out, rec, rows, argv, tuning=tuning, progress=study_progress(cfg, out))
         return
 
     _stage_students(cfg, out, pool_path, rec, student_ds, dev, only=value, tracking=tracking,

@@ -316,8 +316,9 @@ def _tuning_lines(tuning: Mapping[str, Any]) -> list[str]:
 
 def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], students: pd.DataFrame,
                  command: Sequence[str], claim: Mapping[str, Any] | None = None,
-                 tuning: Mapping[str, Any] | None = None) -> Path:
-    """Write ``report.md`` (and the PNG/CSV files it shows) into ``out``: one function per section."""
+                 tuning: Mapping[str, Any] | None = None, progress: Mapping[str, Any] | None = None) -> Path:
+    """Write ``report.md`` (and the PNG/CSV files it shows) into ``out``: one function per section;
+    ``progress`` with students missing (:func:`distill.pipeline.runner.study_progress`) marks it interim."""
     matrix_dir = out / "matrix"
     for name in ("transfer_matrix.csv", "models.csv", "transfer_heatmap.png", "transfer_long.csv"):
         if (matrix_dir / name).is_file():
@@ -333,7 +334,8 @@ def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stud
     curves = plot_training_curves({rid: out / "students" / rid for rid in students["id"]}, out / "training_curves.png")
 
     acc = models.set_index("model") if models is not None else None
-    lines = _intro_lines(cfg, command) + _pool_lines(cfg, acc) + _matrix_lines() + _sets_lines(rec)
+    lines = _intro_lines(cfg, command) + _interim_lines(progress) + _pool_lines(cfg, acc) + _matrix_lines() \
+        + _sets_lines(rec)
     student_lines, unconverged = _students_lines(cfg, students, summary, curves is not None)
     lines += (_tuning_lines(tuning) if tuning else []) + student_lines + _findings_lines(summary, students, rec, acc, robust_col, unconverged, claim)
     if claim is not None:
@@ -341,6 +343,23 @@ def write_report(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stud
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def _interim_lines(progress: Mapping[str, Any] | None) -> list[str]:
+    """The warning of a report written while students are still to train (nothing when none are).
+
+    Example:
+        >>> _interim_lines({"finished": 1, "planned": 3, "missing": ["a-s1", "a-s2"]})[0][:40]
+        '**Interim report: 1 of 3 students have f'
+    """
+    if not progress or not progress["missing"]:
+        return []
+    missing = progress["missing"]
+    shown = ", ".join(f"`{m}`" for m in missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+    return [f"**Interim report: {progress['finished']} of {progress['planned']} students have finished.** "
+            f"Every table, plot and statement below is over the finished students only and will change; the "
+            f"claim's verdict is not drawn until all have finished. Still to train: {shown}. Continue the study "
+            "with the command above and `--resume`.", ""]
 
 
 def _intro_lines(cfg: Mapping[str, Any], command: Sequence[str]) -> list[str]:

@@ -296,10 +296,12 @@ def _claim(claims: Path, run_id: str) -> bool:
 
 def _stage_students(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Mapping[str, Any], train_ds: Any,
                     device: str, only: str | None = None,
-                    tracking: Mapping[str, Any] | None = None, claims: Path | None = None) -> list[dict[str, Any]]:
+                    tracking: Mapping[str, Any] | None = None, claims: Path | None = None,
+                    train_missing: bool = True) -> list[dict[str, Any]]:
     """Train and evaluate every unfinished student (or the one ``only`` names) and return one row per
     student. With ``claims`` (a worker of ``--jobs``), train the unfinished students no other worker
-    has claimed, in study order, and return no rows (the parent gathers them)."""
+    has claimed, in study order, and return no rows (the parent gathers them). Without
+    ``train_missing`` (an interim report), the rows of the finished students only."""
     from distill.pipeline.claim import convergence, student_protocol
     from distill.trainer import train
     from transfer_analysis.models import load_pool
@@ -317,6 +319,8 @@ def _stage_students(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Map
         run_dir = out / "students" / run["id"]
         metrics_path = run_dir / "metrics.json"
         if claims is not None and (metrics_path.is_file() or not _claim(claims, run["id"])):
+            continue
+        if not train_missing and not metrics_path.is_file():
             continue
         if not metrics_path.is_file():
             if teachers and pool is None:
@@ -425,11 +429,6 @@ def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None =
             (teachers and students; see :mod:`distill.tracking`). They do not change results, so a
             resumed run may use others.
     """
-    import pandas as pd
-
-    from distill.pipeline.claim import write_claim
-    from distill.pipeline.report import write_report
-
     cfg = with_overrides(load_study_config(config_path), ema=ema)
     tracking = check_tracking(tracking)
     out = Path(out) if out is not None else Path("runs") / str(cfg["study"])
@@ -451,16 +450,42 @@ def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None =
     if jobs > 1:
         _students_in_parallel(cfg, config_path, out, jobs, str(dev), ema, tracking)
     rows = _stage_students(cfg, out, pool_path, rec, student_ds, str(dev), tracking=tracking)
-    students = pd.DataFrame(rows)
-    atomic_write_text(out / "students.csv", students[STUDENT_COLUMNS].to_csv(index=False))
-    atomic_write_text(out / "students_detail.csv", students.to_csv(index=False))
-    claim = write_claim(out, cfg, rec, students)
-    report = write_report(out, cfg, rec, students, argv, claim=claim, tuning=tuning or None)
-    _status("report", f"wrote {report}")
+    report = write_study_outputs(cfg, out, rec, rows, argv, tuning=tuning or None)
     sets = {"low-transfer": _teachers_for({"teacher_set": "low-transfer"}, rec),
             "high-transfer": _teachers_for({"teacher_set": "high-transfer"}, rec),
             "single": _teachers_for({"teacher_set": "single"}, rec)}
     return PipelineResult(out=out, config=cfg, teacher_sets=sets, students=rows, report=report)
+
+
+def study_progress(cfg: Mapping[str, Any], out: Path) -> dict[str, Any]:
+    """How far the students of a study are: ``{finished, planned, missing}`` (ids, in study order); a
+    student has finished when its ``metrics.json`` exists."""
+    ids = [r["id"] for r in student_runs(cfg)]
+    missing = [i for i in ids if not (out / "students" / i / "metrics.json").is_file()]
+    return {"finished": len(ids) - len(missing), "planned": len(ids), "missing": missing}
+
+
+def write_study_outputs(cfg: Mapping[str, Any], out: Path, rec: Mapping[str, Any], rows: list[dict[str, Any]],
+                        argv: Sequence[str], *, tuning: Mapping[str, Any] | None = None,
+                        progress: Mapping[str, Any] | None = None) -> Path:
+    """The study's tables (``students.csv``, ``students_detail.csv``), its claim and ``report.md`` from
+    the students' rows (the one place that writes them: a whole run and an interim report). With
+    ``progress`` (:func:`study_progress`) of an unfinished study, the claim and the report say so."""
+    import pandas as pd
+
+    from distill.pipeline.claim import write_claim
+    from distill.pipeline.report import write_report
+
+    if not rows:
+        raise UserError(f"no student of {out} has finished yet: nothing to report")
+    students = pd.DataFrame(rows)
+    atomic_write_text(out / "students.csv", students[STUDENT_COLUMNS].to_csv(index=False))
+    atomic_write_text(out / "students_detail.csv", students.to_csv(index=False))
+    claim = write_claim(out, cfg, rec, students, progress=progress)
+    report = write_report(out, cfg, rec, students, argv, claim=claim, tuning=tuning, progress=progress)
+    _status("report", f"wrote {report}" + (f" (interim: {progress['finished']} of {progress['planned']} students)"
+                                           if progress and progress["missing"] else ""))
+    return report
 
 
 def start_run(cfg: Mapping[str, Any], out: Path, *, resume: bool, force: bool, device: str,
