@@ -84,3 +84,29 @@ def test_tuned_study_chooses_on_validation_and_every_student_runs_the_choice(tmp
     assert json.loads((out / "students" / "pgd-at-none-s0" / "metrics.json").read_text())["n_per_attack"]["clean"] == 16
     report = (out / "report.md").read_text()
     assert "## Tuning" in report and "validation pgd20" in report
+
+
+@pytest.mark.slow
+def test_parallel_tuning_equals_one_at_a_time(tmp_path):
+    """--jobs 2 trains the settings in two one-thread workers (each setting once) and chooses what a
+    one-thread run chooses."""
+    import shutil
+
+    config = tmp_path / "s.yaml"
+    config.write_text(yaml.safe_dump(STUDY, sort_keys=False))
+    one = tmp_path / "one"
+    assert main(["pipeline", "--config", str(config), "--out", str(one), "--device", "cpu", "--threads", "1"]) == 0
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    for name in ("tuning", "students"):
+        shutil.rmtree(two / name)
+    (two / "tuning.json").unlink()
+    assert main(["pipeline", "--config", str(config), "--out", str(two), "--device", "cpu", "--resume", "--jobs", "2",
+                 "--threads", "2"]) == 0
+    assert json.loads((two / "tuning.json").read_text()) == json.loads((one / "tuning.json").read_text())
+    assert (two / "students.csv").read_text() == (one / "students.csv").read_text()
+    logs = [(two / "tuning" / f"worker-{j}.log").read_text() for j in range(2)]
+    for j in (1, 2):  # each setting trained by exactly one worker, and both workers took one
+        assert sum(f"tune-pgd-at-{j} (" in log for log in logs) == 1, logs
+    assert all("tune-pgd-at-" in log for log in logs)
+    assert not (two / "tuning" / ".claims").exists()

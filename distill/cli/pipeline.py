@@ -22,8 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--force", action="store_true", help="replace the run in --out")
     p.add_argument("--dry-run", action="store_true", help="validate the config, print the plan, write nothing")
     p.add_argument("--jobs", type=int, default=1, metavar="J",
-                   help="train and evaluate the students with J worker processes of --threads / J threads each "
-                        "(the same students as one at a time with that many threads; default 1)")
+                   help="train the tuning settings, then train and evaluate the students, with J worker processes "
+                        "of --threads / J threads each (the same results as one at a time with that many threads; "
+                        "default 1)")
     t = p.add_argument_group("every training run of the study")
     t.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="evaluate and report an exponential moving average of every student (weights and buffers, "
@@ -41,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     j.add_argument("--shards", type=int, default=4, metavar="N", help="array tasks of the matrix stage (default 4)")
     j.add_argument("--only", default=None, metavar="ITEM",
                    help="run one item of an initialized run: teacher:NAME, matrix:I/N, recommend, tune, student:ID, "
-                        "students (a worker of --jobs: every unfinished student no other worker claimed), or "
+                        "tune-runs and students (workers of --jobs: every unfinished tuning run, or student, no "
+                        "other worker claimed), or "
                         "report (an interim report over the students finished so far; trains nothing)")
     j.add_argument("--launcher", default=None, choices=["submitit"],
                    help="submit the stages with submitit (pip install -e \".[submitit]\"), each stage an array "

@@ -59,11 +59,11 @@ class Stage:
 
 
 def parse_item(text: str) -> tuple[str, Any]:
-    """``teacher:NAME``, ``matrix:I/N``, ``recommend``, ``tune``, ``student:ID``, ``students`` (a worker of
-    ``darht pipeline --jobs``: every unfinished student no other worker claimed) or ``report`` (over
-    the finished students) -> ``(kind, value)``."""
+    """``teacher:NAME``, ``matrix:I/N``, ``recommend``, ``tune``, ``student:ID``, ``tune-runs`` and
+    ``students`` (workers of ``darht pipeline --jobs``: every unfinished tuning run, or student, no
+    other worker claimed) or ``report`` (over the finished students) -> ``(kind, value)``."""
     kind, sep, value = str(text).partition(":")
-    if kind in ("recommend", "tune", "students", "report") and not sep:
+    if kind in ("recommend", "tune", "tune-runs", "students", "report") and not sep:
         return kind, None
     if kind in ("teacher", "student") and sep and value:
         return kind, value
@@ -71,8 +71,8 @@ def parse_item(text: str) -> tuple[str, Any]:
         i, slash, n = value.partition("/")
         if slash and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n):
             return "matrix", (int(i), int(n))
-    raise UserError(f"`only` takes teacher:NAME, matrix:I/N (0 <= I < N), recommend, tune, student:ID, students or "
-                    f"report, got {text!r}")
+    raise UserError(f"`only` takes teacher:NAME, matrix:I/N (0 <= I < N), recommend, tune, student:ID, tune-runs, "
+                    f"students or report, got {text!r}")
 
 
 def run_item(config_path: str | Path, out: str | Path, item: str, device: str = "auto", *,
@@ -117,8 +117,9 @@ def run_item(config_path: str | Path, out: str | Path, item: str, device: str = 
     from distill.pipeline.tuning import stage_tuning, student_data
 
     student_ds, val_ds = student_data(cfg, ds, train_ds)
-    if kind == "tune":
-        stage_tuning(cfg, out, pool_path, rec, val_ds, dev, tracking=tracking)
+    if kind in ("tune", "tune-runs"):
+        stage_tuning(cfg, out, pool_path, rec, val_ds, dev, tracking=tracking,
+                     claims=out / "tuning" / CLAIMS_DIR if kind == "tune-runs" else None)
         return
     if kind == "report":
         from distill.pipeline.runner import study_progress, write_study_outputs

@@ -31,7 +31,7 @@ import yaml
 
 from distill.pipeline.config import describe_plan, load_study_config, student_runs, student_train_config, with_overrides
 from distill.pipeline.transfer import STUDENT_TRANSFER_FILE, student_transfer
-from distill.pipeline.tuning import chosen_settings, stage_tuning, student_data
+from distill.pipeline.tuning import TUNING_FILE, chosen_settings, stage_tuning, student_data, tuning_runs
 from distill.tracking import check_tracking
 from transfer_analysis.errors import UserError
 from transfer_analysis.models.entry import map_entry_paths
@@ -359,13 +359,14 @@ def _stage_students(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Map
 # --------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------
-def _students_in_parallel(cfg: Mapping[str, Any], config_path: str | os.PathLike, out: Path, jobs: int,
-                          device: str, ema: float | None, tracking: Mapping[str, Any] | None) -> None:
-    """Train and evaluate the unfinished students with ``jobs`` worker processes of ``threads // jobs``
-    threads each (``darht pipeline --only students``). A worker imports torch and reads the data and
-    the pool once, then takes the next student no other worker has claimed until none is left, so
-    start-up is paid once per worker, not per student. Every student is seeded by itself, so the
-    results are those of one process. Worker J's output goes to ``OUT/students/worker-J.log``."""
+def _in_parallel(cfg: Mapping[str, Any], config_path: str | os.PathLike, out: Path, jobs: int,
+                 device: str, ema: float | None, tracking: Mapping[str, Any] | None, *, stage: str = "students") -> None:
+    """Train the unfinished runs of ``stage`` (``students``, or ``tuning``: the settings of
+    ``students.tune``) with ``jobs`` worker processes of ``threads // jobs`` threads each (``darht
+    pipeline --only students`` / ``--only tune-runs``). A worker imports torch and reads the data and
+    the pool once, then takes the next run no other worker has claimed until none is left, so start-up
+    is paid once per worker, not per run. Every run is seeded by itself, so the results are those of
+    one process. Worker J's output goes to ``OUT/STAGE/worker-J.log``."""
     import shutil
     import subprocess
     import sys
@@ -373,38 +374,39 @@ def _students_in_parallel(cfg: Mapping[str, Any], config_path: str | os.PathLike
     from distill.pipeline.jobs import _option_flags
     from transfer_analysis.threads import available_cpus, thread_policy
 
-    pending = [r for r in student_runs(cfg) if not (out / "students" / r["id"] / "metrics.json").is_file()]
+    runs, item = (student_runs(cfg), "students") if stage == "students" else (tuning_runs(cfg), "tune-runs")
+    pending = [r for r in runs if not (out / stage / r["id"] / "metrics.json").is_file()]
     if not pending:
         return
     jobs = min(jobs, len(pending))
     threads = max(1, int(thread_policy().get("threads") or available_cpus()) // jobs)
-    claims = out / "students" / CLAIMS_DIR
+    claims = out / stage / CLAIMS_DIR
     shutil.rmtree(claims, ignore_errors=True)  # this run's workers are the only claimants
     base = [sys.executable, "-m", "distill.cli", "pipeline", "--config", str(config_path), "--out", str(out),
             "--device", device, "--threads", str(threads), *_option_flags(ema, dict(tracking or {})),
-            "--only", "students"]
-    (out / "students").mkdir(parents=True, exist_ok=True)
-    _status("students", f"{len(pending)} student(s), {jobs} worker(s) of {threads} thread(s)")
+            "--only", item]
+    (out / stage).mkdir(parents=True, exist_ok=True)
+    _status(stage, f"{len(pending)} run(s), {jobs} worker(s) of {threads} thread(s)")
     workers: list[tuple[int, subprocess.Popen, Any]] = []
     try:
         for j in range(jobs):
-            log = open(out / "students" / f"worker-{j}.log", "w")  # noqa: SIM115 - closed when it ends
+            log = open(out / stage / f"worker-{j}.log", "w")  # noqa: SIM115 - closed when it ends
             workers.append((j, subprocess.Popen(base, stdout=log, stderr=subprocess.STDOUT), log))
         for _, proc, log in workers:
             proc.wait()
             log.close()
     finally:
-        for _, proc, log in workers:  # interrupted: stop the others too (each student resumes later)
+        for _, proc, log in workers:  # interrupted: stop the others too (each run resumes later)
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait()
             log.close()
         shutil.rmtree(claims, ignore_errors=True)
     failed = [f"worker-{j}" for j, proc, _ in workers if proc.returncode != 0]
-    unfinished = [r["id"] for r in pending if not (out / "students" / r["id"] / "metrics.json").is_file()]
+    unfinished = [r["id"] for r in pending if not (out / stage / r["id"] / "metrics.json").is_file()]
     if failed or unfinished:
-        raise UserError(f"{len(unfinished)} student(s) unfinished ({', '.join(unfinished[:4])}"
-                        f"{' ...' if len(unfinished) > 4 else ''}); see {out / 'students'}/worker-J.log, then "
+        raise UserError(f"{len(unfinished)} {stage} run(s) unfinished ({', '.join(unfinished[:4])}"
+                        f"{' ...' if len(unfinished) > 4 else ''}); see {out / stage}/worker-J.log, then "
                         "--resume")
 
 
@@ -445,10 +447,12 @@ def run_pipeline(config_path: str | os.PathLike, out: str | os.PathLike | None =
     matrix_dir = _stage_matrix(cfg, out, pool_path, ds, str(dev))
     rec = _stage_recommend(cfg, out, matrix_dir)
     student_ds, val_ds = student_data(cfg, ds, train_ds)
+    if jobs > 1 and cfg["students"]["tune"] and not (out / TUNING_FILE).is_file():
+        _in_parallel(cfg, config_path, out, jobs, str(dev), ema, tracking, stage="tuning")
     tuning = stage_tuning(cfg, out, pool_path, rec, val_ds, str(dev), tracking=tracking)
     update_env_json(out, jobs=int(jobs))  # students at once
     if jobs > 1:
-        _students_in_parallel(cfg, config_path, out, jobs, str(dev), ema, tracking)
+        _in_parallel(cfg, config_path, out, jobs, str(dev), ema, tracking)
     rows = _stage_students(cfg, out, pool_path, rec, student_ds, str(dev), tracking=tracking)
     report = write_study_outputs(cfg, out, rec, rows, argv, tuning=tuning or None)
     sets = {"low-transfer": _teachers_for({"teacher_set": "low-transfer"}, rec),

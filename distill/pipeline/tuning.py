@@ -52,13 +52,16 @@ def tuning_runs(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def stage_tuning(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Mapping[str, Any], val_ds: Any,
-                  device: str, tracking: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  device: str, tracking: Mapping[str, Any] | None = None,
+                  claims: Path | None = None) -> dict[str, Any]:
     """Train every setting of ``students.tune`` once, evaluated on the held-out validation images only,
     and choose per method the setting with the best validation PGD-20 (ties: the first). Writes and
-    returns ``tuning.json``; each setting's run is kept under ``OUT/tuning/ID`` (resumable)."""
+    returns ``tuning.json``; each setting's run is kept under ``OUT/tuning/ID`` (resumable). With
+    ``claims`` (a worker of ``--jobs``), train the unfinished settings no other worker has claimed and
+    return ``{}`` (the parent chooses)."""
     import json
 
-    from distill.pipeline.runner import _status, _teachers_for
+    from distill.pipeline.runner import _claim, _status, _teachers_for
     from distill.trainer import train
     from transfer_analysis.models import load_pool
 
@@ -73,6 +76,8 @@ def stage_tuning(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Mappin
     for i, run in enumerate(runs):
         teachers = _teachers_for(run, rec)
         run_dir = out / "tuning" / run["id"]
+        if claims is not None and ((run_dir / "metrics.json").is_file() or not _claim(claims, run["id"])):
+            continue
         if not (run_dir / "metrics.json").is_file():
             if teachers and pool is None:
                 pool = load_pool(pool_path, val_ds.num_classes, val_ds.in_chans, val_ds.image_size)
@@ -84,12 +89,16 @@ def stage_tuning(cfg: Mapping[str, Any], out: Path, pool_path: Path, rec: Mappin
                       "final_attack_samples": {}, **dict(tracking or {})}
             train(config, run_dir, resume=(run_dir / "config.yaml").is_file(), dataset=val_ds,
                   teachers={n: pool[n] for n in teachers} if teachers else None)
+        if claims is not None:
+            continue
         metrics = json.loads((run_dir / "metrics.json").read_text())
         entry = results.setdefault(run["method"], {"run": run["label"], "seed": run["seed"], "settings": [],
                                                    f"validation_{TUNING_ATTACK}": [], "validation_clean": []})
         entry["settings"].append(run["setting"])
         entry[f"validation_{TUNING_ATTACK}"].append(metrics["accuracy"][TUNING_ATTACK])
         entry["validation_clean"].append(metrics["accuracy"]["clean"])
+    if claims is not None:
+        return {}
     for method, entry in results.items():
         scores = entry[f"validation_{TUNING_ATTACK}"]
         best = max(range(len(scores)), key=lambda j: (round(scores[j], 9), -j))
