@@ -113,10 +113,11 @@ def test_paper_configs_follow_the_protocol():
 
 
 @pytest.mark.slow
-def test_tiny_study_end_to_end_and_resume(tmp_path, capsys):
-    config = tmp_path / "tiny.yaml"
+def test_tiny_study_end_to_end_and_resume(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --out, as the README's commands give it
+    config = Path("tiny.yaml")
     config.write_text(yaml.safe_dump(TINY, sort_keys=False))
-    out = tmp_path / "run"
+    out = Path("run")
     assert main(["pipeline", "--config", str(config), "--out", str(out), "--device", "cpu"]) == 0
     for name in ("report.md", "students.csv", "recommendation.json", "recommendation.png", "transfer_matrix.csv",
                  "models.csv", "transfer_heatmap.png", "robustness_vs_accuracy.png", "training_curves.png",

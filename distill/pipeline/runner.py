@@ -75,8 +75,9 @@ def _status(stage: str, message: str) -> None:
 
 
 def _run_relative(out: Path) -> Callable[[str], str]:
-    """How the run directory's own files (``config.yaml``, ``pool.yaml``) name a path: relative to the
-    run directory, absolute paths too, so a run directory moved together with the files it names (a
+    """How the run directory's own files (``config.yaml``, ``pool.yaml``) name a path: an absolute path
+    (as a loaded study config holds them) relative to the run directory; a relative one is taken to be
+    so already (as those files hold them). So a run directory moved together with the files it names (a
     checkout at another path, another machine) still resumes and still finds its teachers."""
     base = out.resolve()
     return lambda p: os.path.relpath(base / os.path.expanduser(p), base)
@@ -164,7 +165,7 @@ def _stage_pool(cfg: Mapping[str, Any], out: Path, train_ds: Any, device: str, *
             trained = trained["models"][0] if isinstance(trained, Mapping) and "models" in trained else trained
             entry.update({k: trained[k] for k in ("checkpoint", "mean", "std", "input_size") if trained.get(k)})
             # W.yaml's checkpoint is relative to W.yaml; pool.yaml's are relative to the run directory
-            entry["checkpoint"] = str(written.parent / entry["checkpoint"])
+            entry["checkpoint"] = str((written.parent / entry["checkpoint"]).resolve())
             entry["training"] = f"{train['method']} x{train['epochs']} (eps {train['eps_value']:g})"
             for key in ("pretrained", "pretrained_file", "num_classes"):  # the checkpoint holds every weight
                 entry.pop(key, None)
