@@ -31,6 +31,9 @@ Fashion-MNIST study's protocol, 8 epochs, its low-transfer set, 3 seeds, PGD-20 
 images): reference 0.579 ± 0.014, budget 0.507 ± 0.111 (seed 2 collapsed to 0.382; seed 1 did not
 converge), budget with uniform weights 0.562 ± 0.028, teacher-free 0.545 ± 0.027, against RSLAD
 0.575 ± 0.029 and PGD-AT 0.574 ± 0.037. So the reference schedule stays the default, even at 8 epochs.
+With stronger teachers and 20 epochs one tuning run went the other way (budget 0.646, reference 0.578
+validation PGD-20 on 500 held-out images, ``results/fashion-mnist-strong/study/tuning.json``): a
+study should tune ``schedule`` (``students.tune``) rather than trust either default.
 
 In the CE phase the loss needs no teacher, so their forwards are skipped (``kd`` is logged as 0 and
 the weights as NaN); ``teachers_in_ce_phase: true`` runs them anyway to log ``kd`` and the weights
