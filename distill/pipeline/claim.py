@@ -499,9 +499,9 @@ def write_claim(out: Path, cfg: Mapping[str, Any], rec: Mapping[str, Any], stude
                 n_boot: int = 2000, progress: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """Write ``set_study.csv``, ``claim.json`` and ``claim.png`` for a study's DARHT students.
 
-    ``progress`` (:func:`distill.pipeline.runner.study_progress`) of a study with students still to train makes the verdict
-    ``interim``: the statistics are those of the finished students, the verdict they would give is
-    ``verdict_so_far``, and ``interim`` says how many students stand behind them.
+    ``progress`` (:func:`distill.pipeline.runner.study_progress`) of a study with students still to
+    train makes the verdict ``interim``: the statistics are those of the finished students, the
+    verdict they would give is ``verdict_so_far``, and ``interim`` says how many stand behind them.
 
     Returns the content of ``claim.json`` (``None`` when the study has no DARHT student).
     """

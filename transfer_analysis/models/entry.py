@@ -39,7 +39,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,8 @@ from ..errors import UserError
 from ..files import read_yaml
 
 __all__ = ["PoolEntry", "SOURCES", "MAX_INPUT_SIZE", "INTERPOLATIONS", "parse_pool_entries", "read_pool_config",
-           "check_model_name", "check_robustbench_spec", "map_entry_paths", "ROBUSTBENCH_DATASETS", "ROBUSTBENCH_THREAT_MODELS"]
+           "check_model_name", "check_robustbench_spec", "map_entry_paths", "ROBUSTBENCH_DATASETS",
+           "ROBUSTBENCH_THREAT_MODELS"]
 
 _KNOWN_KEYS = {
     "name", "arch", "kwargs", "checkpoint", "checkpoint_key", "pretrained", "pretrained_file", "num_classes",
@@ -274,11 +275,7 @@ def map_entry_paths(entry: Any, fn: Callable[[str], str]) -> Any:
     rb = get("robustbench")
     if isinstance(rb, Mapping) and rb.get("model_dir"):
         changes["robustbench"] = {**rb, "model_dir": fn(rb["model_dir"])}
-    if is_map:
-        return {**entry, **changes}
-    from dataclasses import replace
-
-    return replace(entry, **changes)
+    return {**entry, **changes} if is_map else replace(entry, **changes)
 
 
 def read_pool_config(path: str | os.PathLike) -> list[PoolEntry]:
