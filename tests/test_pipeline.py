@@ -341,3 +341,29 @@ def test_a_run_started_with_absolute_pool_paths_still_resumes(tmp_path):
     cfg["pool"][0]["checkpoint"] = str(tmp_path / "a.safetensors")
     with pytest.raises(UserError, match="changed: pool"):
         _check_resume(out, cfg)
+
+
+def test_every_path_in_a_study_config_is_relative_to_the_config(tmp_path):
+    """checkpoint, pretrained_file, local-dir: folders and a RobustBench model_dir (its default too)
+    are read relative to the study config's folder, whatever the working directory."""
+    cfg = _with(pool=[
+        {"name": "a", "arch": "local-dir:models/a", "pretrained": True, "pretrained_file": "w/a.safetensors",
+         "family": "cnn"},
+        {"name": "b", "arch": "resnet18_cifar", "checkpoint": "teachers/b.safetensors", "family": "cnn"},
+        {"name": "c", "source": "robustbench", "robustbench": {"name": "Standard", "dataset": "cifar10"}},
+        {"name": "d", "source": "robustbench", "robustbench": {"name": "Standard", "dataset": "cifar10",
+                                                               "model_dir": "zoo"}}])
+    path = tmp_path / "study" / "s.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    pool = {e["name"]: e for e in load_study_config(path)["pool"]}
+    here = path.parent.resolve()
+    assert pool["a"]["arch"] == f"local-dir:{here / 'models' / 'a'}"
+    assert pool["a"]["pretrained_file"] == str(here / "w" / "a.safetensors")
+    assert pool["b"]["checkpoint"] == str(here / "teachers" / "b.safetensors")
+    assert pool["c"]["robustbench"]["model_dir"] == str(here / "models")
+    assert pool["d"]["robustbench"]["model_dir"] == str(here / "zoo")
+    # a RobustBench model needs neither checkpoint nor train: (the zoo's weights), and cannot be trained here
+    cfg["pool"][2]["train"] = {"method": "pgd-at", "epochs": 1}
+    with pytest.raises(UserError, match="'c': a RobustBench model is used as the zoo gives it"):
+        validate_study_config(cfg)

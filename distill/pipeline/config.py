@@ -175,9 +175,13 @@ def _check_pool_section(cfg: dict[str, Any], source: str) -> tuple[list[str], di
         trains[str(entry.get("name"))] = train
     entries = parse_pool_entries({"models": stripped}, f"{source}: pool")
     for e in entries:
-        if trains[e.name] is None and not e.checkpoint and not e.pretrained:
+        # a RobustBench model's weights are the zoo's (robustbench.model_dir), never trained or given here
+        if e.source == "robustbench" and trains[e.name] is not None:
+            raise UserError(f"{source}: pool model {e.name!r}: a RobustBench model is used as the zoo gives it; "
+                            "'train:' does not apply")
+        if trains[e.name] is None and not e.checkpoint and not e.pretrained and e.source != "robustbench":
             raise UserError(f"{source}: pool model {e.name!r} needs 'train:' (made here), 'checkpoint:' or "
-                            "'pretrained: true'")
+                            "'pretrained: true' (or source: robustbench)")
         t = trains[e.name]
         if t is not None:
             if t["method"] not in ("standard", "fast-at", "pgd-at", "trades"):
